@@ -1,0 +1,193 @@
+"""The `tuneforge` command line: argument parsing and error reporting, nothing heavy.
+
+Every verb's work lives in its own module, imported only when that verb runs, so that
+`tuneforge --help` starts without torch or transformers. A `UserError` becomes one line on
+stderr and exit code 2; any other exception one line and exit code 1; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _config(args):
+    from tuneforge.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_check_data(args) -> int:
+    from tuneforge.check_data import run_check_data
+
+    cfg = _config(args)
+    if args.print_config:
+        return _print_config(cfg)
+    return run_check_data(cfg, show=args.show, as_json=args.json)
+
+
+def _print_config(cfg) -> int:
+    from tuneforge.config import dump_config
+
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from tuneforge.train.run import run_train
+
+    cfg = _config(args)
+    if args.print_config:
+        return _print_config(cfg)
+    return run_train(cfg, args)
+
+
+def cmd_chat(args) -> int:
+    from tuneforge.chat import run_chat
+
+    return run_chat(args)
+
+
+def cmd_export(args) -> int:
+    from tuneforge.model.export import export_checkpoint
+
+    export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tuneforge.model.export import merge_adapter
+
+    merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_import_gguf(args) -> int:
+    from tuneforge.model.gguf_import import import_gguf
+
+    import_gguf(args.file, args.out_dir)
+    print(f"wrote {args.out_dir}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from tuneforge.train.plot import plot_run
+
+    out = plot_run(args.run_dir, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_list_configs(args) -> int:
+    from tuneforge.recipes import list_recipes
+
+    for name, summary in list_recipes(args.pattern):
+        print(f"{name:<32} {summary}")
+    return 0
+
+
+def cmd_copy_config(args) -> int:
+    from tuneforge.recipes import copy_recipe
+
+    print(f"wrote {copy_recipe(args.name, args.dest)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models, from one CPU to many GPUs.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    def verb(name, func, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        p.set_defaults(func=func)
+        return p
+
+    p = verb("train", cmd_train, "fine-tune a model as a config describes")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("--deepspeed", metavar="NAME|FILE.json", help="zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default=None, help="how processes were started")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT_DIR",
+                   help="resume from the latest complete checkpoint, or from CKPT_DIR")
+    p.add_argument("--work-dir", help="override train.work_dir")
+    p.add_argument("--force", action="store_true", help="reuse a work dir that holds a different run")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = verb("check-data", cmd_check_data, "tokenize and pack the data as training would, and report on it")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered rows, trained tokens highlighted")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = verb("chat", cmd_chat, "talk to a model (interactive, or one answer with --prompt)")
+    p.add_argument("model_dir")
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply")
+    p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's)")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+    p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder")
+    p.add_argument("ckpt_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+
+    p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model")
+    p.add_argument("base_dir")
+    p.add_argument("adapter_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+
+    p = verb("import-gguf", cmd_import_gguf, "turn a GGUF file into a trainable safetensors model folder")
+    p.add_argument("file")
+    p.add_argument("out_dir")
+
+    p = verb("plot", cmd_plot, "plot loss, lr and tokens/s of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG file (default RUN_DIR/metrics.png)")
+
+    p = verb("list-configs", cmd_list_configs, "list the shipped recipes")
+    p.add_argument("pattern", nargs="?", default=None)
+
+    p = verb("copy-config", cmd_copy_config, "copy a shipped recipe to edit it")
+    p.add_argument("name")
+    p.add_argument("dest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("TUNEFORGE_DEBUG") == "1"
+    from tuneforge.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
