@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:  # overrides may come after options: `train cfg.yaml --resume a.b=1`
+        if hasattr(args, "overrides") and "=" in item and not item.startswith("-"):
+            args.overrides.append(item)
+        else:
+            parser.error(f"unrecognized argument: {item}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

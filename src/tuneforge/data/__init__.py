@@ -1,0 +1,1 @@
+"""Data: records, chat templates and loss masks, tokenization cache, packing, samplers, batches."""

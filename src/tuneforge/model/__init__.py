@@ -1,0 +1,1 @@
+"""Models: loading, attention implementations, LoRA/QLoRA, GGUF import and export."""

@@ -1,0 +1,1 @@
+"""Parallelism: launching processes, the run context, and (later) FSDP/DeepSpeed/TP/SP."""

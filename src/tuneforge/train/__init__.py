@@ -1,0 +1,1 @@
+"""Training: the loop, its loss, optimizer and schedule, checkpoints, metrics and evaluation."""

@@ -1,0 +1,209 @@
+"""The training loop: one function, `train`, readable top to bottom.
+
+It builds the tokenizer, data, model (with LoRA when configured), optimizer and schedule;
+resumes from a checkpoint when asked; then runs optimizer steps. Each step takes
+`micro_batch_size x gradient_accumulation` rows, sums the cross-entropy of every loss token
+and divides by the step's total loss-token count (token-exact: accumulation k x micro m
+equals one micro-batch of k*m). It logs metrics, evaluates, checkpoints atomically, handles
+SIGTERM/SIGUSR1 (save, then exit with `PREEMPTED_EXIT`), and writes `final/` at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import dump_config
+from tuneforge.errors import UserError
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request after saving; --resume continues
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); says where and what to look at."""
+
+    code = 3
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop saves and exits after the current step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self):
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> int:
+    """Run the whole job described by `cfg` in `work_dir`; returns the process exit code."""
+    from tuneforge.data.collate import collate_rows
+    from tuneforge.data.dataset import build_data
+    from tuneforge.data.samplers import RowSampler
+    from tuneforge.model.attention import resolve_attn_implementation
+    from tuneforge.model.export import save_hf_folder
+    from tuneforge.model.load import load_model, load_tokenizer
+    from tuneforge.model.lora import apply_lora, trainable_parameter_count
+    from tuneforge.train import checkpoint as ckpt
+    from tuneforge.train.evaluate import evaluate
+    from tuneforge.train.loss import lm_loss_sum
+    from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
+    from tuneforge.train.optim import build_optimizer, build_scheduler
+    from tuneforge.train.progress import Progress
+
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    device = ctx.device
+
+    # ---- data: tokenized and packed once (cached), rows assigned to this data-parallel rank
+    tokenizer = load_tokenizer(cfg.model.path)
+    data = ctx.main_first(lambda: build_data(cfg, tokenizer, log=log if ctx.is_main else (lambda m: None)))
+    eval_data = None
+    if tc.eval_every and (cfg.data.eval_datasets or cfg.data.eval_split > 0):
+        eval_data = ctx.main_first(lambda: build_data(cfg, tokenizer, eval_split=True))
+    rows_per_step = tc.micro_batch_size * tc.gradient_accumulation
+    sampler = RowSampler(data.lengths, cfg.data.sampler, rank=ctx.dp_rank, world=ctx.dp_size,
+                         seed=tc.seed, batch_per_rank=rows_per_step)
+    steps_per_epoch = len(sampler) // rows_per_step
+    if steps_per_epoch == 0:
+        raise UserError(f"the data has {len(data)} rows per epoch, fewer than one step needs "
+                        f"({rows_per_step} per rank x {ctx.dp_size} ranks)",
+                        hint="lower train.micro_batch_size or train.gradient_accumulation, or add data")
+    total_steps = tc.max_steps or steps_per_epoch * tc.epochs
+
+    # ---- model: mixed precision on GPU only; fp32 on CPU
+    use_amp = device.type == "cuda" and cfg.model.dtype != "float32"
+    amp_dtype = getattr(torch, cfg.model.dtype)
+    load_dtype = cfg.model.dtype if (device.type == "cuda" and cfg.model.lora) else "float32"
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
+    model = load_model(cfg.model, device=device, attn_implementation=attn, dtype=load_dtype)
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg.model.lora)
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+    trainable, total_params = trainable_parameter_count(model)
+    model = ctx.wrap_model(model)
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+
+    # ---- resume: model, optimizer, schedule, RNG and sampler position
+    ckpt_root = work_dir / "checkpoints"
+    step, epoch, tokens_seen = 0, 0, 0
+    if resume is not None:
+        folder = ckpt.latest_checkpoint(ckpt_root) if resume == "latest" else Path(resume)
+        if folder is None:
+            raise UserError(f"--resume: no complete checkpoint in {ckpt_root}", hint="start without --resume")
+        state = ckpt.load_checkpoint(folder, ctx.unwrap(model), optimizer, scheduler)
+        if state["world_size"] != ctx.dp_size:
+            raise UserError(f"checkpoint {folder} was written by {state['world_size']} data-parallel ranks, "
+                            f"this run has {ctx.dp_size}", hint="resume with the same number of processes")
+        sampler.load_state_dict(state["sampler"][ctx.dp_rank])
+        step, epoch, tokens_seen = state["step"], state["epoch"], state["tokens_seen"]
+        log(f"resumed from {folder} at step {step}")
+
+    metrics = MetricsLog(work_dir, enabled=ctx.is_main, resume_step=step if resume is not None else None)
+    shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)
+    peak = peak_flops(device)
+    if ctx.is_main:
+        (work_dir / "config.yaml").write_text(dump_config(cfg))
+        log(f"model {Path(cfg.model.path).name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
+            f"{len(data)} rows/epoch, global batch {rows_per_step * ctx.dp_size} rows, {total_steps} steps")
+
+    stop = StopFlag()
+    stop.install()
+    progress = Progress(total_steps, step, enabled=ctx.is_main)
+    started, window_tokens, window_start = time.time(), 0, time.time()
+    model.train()
+    while step < total_steps:
+        # 1. the rows of this step (a new epoch starts when the current one runs out)
+        rows = sampler.take(rows_per_step)
+        if rows is None:
+            epoch += 1
+            sampler.set_epoch(epoch)
+            continue
+        micro_batches = [collate_rows([data.row(int(r)) for r in rows[i: i + tc.micro_batch_size]], tokenizer.pad_token_id)
+                         for i in range(0, len(rows), tc.micro_batch_size)]
+        # 2. the step's loss-token count over all micro-batches and ranks normalises the loss
+        step_loss_tokens = ctx.all_reduce_sum(sum(b["num_loss_tokens"] for b in micro_batches))
+        step_tokens = ctx.all_reduce_sum(sum(b["num_tokens"] for b in micro_batches))
+        # 3. forward/backward each micro-batch; gradients add up to the exact mean
+        loss_sum = torch.zeros((), device=device)
+        for index, batch in enumerate(micro_batches):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with ctx.no_sync(model, last=index == len(micro_batches) - 1), \
+                    torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                part, _ = lm_loss_sum(model, batch, tc.loss_chunk_size)
+                scaled = part * (ctx.dp_size / max(step_loss_tokens, 1))
+            scaler.scale(scaled).backward()
+            loss_sum += part.detach()
+        # 4. clip, check, step
+        scaler.unscale_(optimizer)
+        grad_norm = ctx.clip_grad_norm(model, tc.max_grad_norm)
+        loss = ctx.all_reduce_sum(loss_sum) / max(step_loss_tokens, 1)
+        if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
+            ids = [s for b in micro_batches for s in b["sample_ids"]]
+            if not tc.skip_nonfinite:
+                raise TrainingError(f"non-finite loss {float(loss)} / grad norm {float(grad_norm)} at step {step + 1}; "
+                                    f"samples {ids[:8]}", hint="set train.skip_nonfinite: true to skip such steps")
+            optimizer.zero_grad(set_to_none=True)
+            log(f"step {step + 1}: skipped (non-finite loss or gradient), samples {ids[:8]}")
+            step += 1
+            continue
+        lr = scheduler.get_last_lr()[0]
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += step_tokens
+
+        # 5. metrics and progress
+        now = time.time()
+        window_tokens += step_tokens
+        sum_sq = sum(int(((b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long() ** 2).sum()) for b in micro_batches)
+        flops = training_flops(shape, matmul_params, step_tokens, step_loss_tokens, sum_sq * ctx.dp_size)
+        step_time = now - window_start
+        row = {"step": step, "epoch": epoch, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens": tokens_seen, "loss_tokens": step_loss_tokens, "tokens_per_s": window_tokens / max(step_time, 1e-9),
+               "elapsed_s": now - started,
+               "mfu": flops / step_time / (peak * ctx.world_size) if peak else None,
+               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+        window_tokens, window_start = 0, now
+        if step % tc.log_every == 0 or step == total_steps:
+            metrics.write(row)
+        progress.update(row)
+
+        # 6. evaluation, checkpoints, preemption
+        if eval_data is not None and tc.eval_every and step % tc.eval_every == 0:
+            result = evaluate(model, eval_data, tokenizer, cfg, ctx, device)
+            metrics.write({"step": step, **result})
+            progress.note(f"step {step}: eval_loss {result['eval_loss']:.4f}")
+        should_save = (tc.save_every and step % tc.save_every == 0) or stop.signal is not None
+        if should_save and step < total_steps:
+            state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
+                     "sampler": ctx.all_gather_object(sampler.state_dict()), "model_path": cfg.model.path}
+            if ctx.is_main:
+                ckpt.save_checkpoint(ckpt_root, step, ctx.unwrap(model), optimizer, scheduler, state, tc.keep_last)
+            ctx.barrier()
+        if stop.signal is not None:
+            progress.close()
+            log(f"received {stop.signal}: saved checkpoint at step {step}; continue with --resume")
+            metrics.close()
+            return PREEMPTED_EXIT
+
+    progress.close()
+    if ctx.is_main:
+        final = save_hf_folder(ctx.unwrap(model), tokenizer, work_dir / "final")
+        log(f"done: {step} steps, {tokens_seen:,} tokens in {time.time() - started:.0f}s; saved {final}")
+    metrics.close()
+    return 0

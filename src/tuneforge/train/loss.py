@@ -1,0 +1,90 @@
+"""Token-exact causal-LM loss without full-batch logits.
+
+Owns
+- `chunked_lm_loss`: the SUM of cross-entropy over positions whose label is not -100. Loss
+  positions are gathered first (no logits for the rest), then lm_head + CE run `chunk_size`
+  tokens at a time, each chunk under activation checkpointing, so at most one chunk's fp32
+  logits is alive in forward and in backward;
+- `decoder_and_head`: the base decoder and output head of a plain or PEFT-wrapped causal LM;
+- `lm_loss_sum`: batch -> (loss sum, loss-token count), applying the model's final-logit
+  softcapping when its config has one.
+Labels arrive already shifted (labels[b, t] is the target of position t), so nothing is
+shifted here; the caller divides by the global loss-token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tuneforge.errors import UserError
+from tuneforge.model.attention import model_inputs
+
+IGNORE_INDEX = -100
+
+
+def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, softcap: float | None) -> torch.Tensor:
+    logits = lm_head(hidden).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    chunk_size: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Sum (fp32) of CE over labels != -100 of `lm_head(hidden)`, `chunk_size` tokens at a time."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    keep = labels != IGNORE_INDEX
+    states = hidden[keep]  # [N, D]: only loss positions ever reach lm_head
+    targets = labels[keep]
+    use_checkpoint = torch.is_grad_enabled()
+    total = None
+    # At least one (possibly empty) chunk, so lm_head stays in the graph when N == 0.
+    for start in range(0, max(len(targets), 1), chunk_size):
+        args = (states[start: start + chunk_size], targets[start: start + chunk_size], lm_head, softcap)
+        part = checkpoint(_chunk_ce, *args, use_reentrant=False) if use_checkpoint else _chunk_ce(*args)
+        total = part if total is None else total + part
+    return total
+
+
+def _is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(decoder returning last_hidden_state, output head) of a causal LM, PEFT-wrapped or not."""
+    if _is_peft(model):
+        if model.active_peft_config.is_prompt_learning:
+            raise UserError("prompt-learning PEFT adapters are not supported", hint="use LoRA")
+        model = model.get_base_model()  # the transformers model, with adapter layers injected
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if head is None or decoder is None or decoder is model:
+        raise UserError(f"{type(model).__name__} is not a causal LM with a decoder and an output head")
+    return decoder, head
+
+
+def lm_loss_sum(model: nn.Module, batch: Mapping, chunk_size: int) -> tuple[torch.Tensor, int]:
+    """(sum of token CE over the batch's loss positions, number of those positions)."""
+    decoder, head = decoder_and_head(model)
+    out = decoder(**model_inputs(batch))
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    softcap = getattr(decoder.config, "final_logit_softcapping", None)
+    labels = batch["labels"]
+    loss = chunked_lm_loss(hidden, head, labels, chunk_size, softcap=softcap)
+    count = batch.get("num_loss_tokens")
+    return loss, int((labels != IGNORE_INDEX).sum()) if count is None else int(count)

@@ -1,0 +1,116 @@
+"""What a run reports: `metrics.jsonl`, the progress bar, FLOPs/MFU, optional TensorBoard.
+
+`metrics.jsonl` gets one JSON object per optimizer step (`step, loss, lr, grad_norm, tokens,
+loss_tokens, tokens_per_s, elapsed_s`, plus `mfu` and `peak_mem_gb` where known) and one per
+evaluation (`eval_loss`, `samples`). On resume, rows after the resumed step are dropped so
+the file reads like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# dense bf16 peak FLOP/s of common accelerators, by a substring of the device name
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40": 181e12,
+              "4090": 165e12, "A10": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def model_flop_shape(config) -> dict:
+    """The numbers the FLOP count needs, read from a transformers config."""
+    text = getattr(config, "text_config", None) or config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {"layers": text.num_hidden_layers, "heads": heads, "head_dim": head_dim,
+            "vocab": text.vocab_size, "hidden": hidden}
+
+
+def training_flops(shape: dict, matmul_params: int, tokens: int, loss_tokens: int, sum_sq_seqlens: int) -> float:
+    """FLOPs of one forward+backward (3 x forward) over a batch.
+
+    forward = 2 * (non-embedding matmul parameters) per token
+            + 2 * hidden * vocab per loss token (the LM head runs on loss tokens only)
+            + attention scores and values: 2 matmuls * 2 FLOPs * heads * head_dim per
+              (query, key) pair, causal so L*(L+1)/2 pairs per sequence, per layer.
+    Grouped-query attention is counted right because K/V projections are in the parameter
+    count and the score matmuls use the query head count; packed (varlen) rows count each
+    sequence's own L^2, not the row's.
+    """
+    dense = 2 * matmul_params * tokens
+    head = 2 * shape["hidden"] * shape["vocab"] * loss_tokens
+    attention = 4 * shape["heads"] * shape["head_dim"] * shape["layers"] * sum_sq_seqlens
+    return 3.0 * (dense + head + attention)
+
+
+def matmul_parameter_count(model) -> int:
+    """Parameters of the decoder's matmuls: everything but embeddings, norms and the LM head."""
+    import torch
+
+    total = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skip = head_ids | ({id(p) for p in embed.parameters()} if embed is not None else set())
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            for p in module.parameters(recurse=False):
+                if id(p) not in skip and p.ndim == 2:
+                    total += p.numel()
+        elif type(module).__name__.endswith("Experts") or "expert" in type(module).__name__.lower():
+            for p in module.parameters(recurse=False):
+                if id(p) not in skip and p.ndim >= 2:
+                    total += p.numel()
+    return total
+
+
+class MetricsLog:
+    """Appends rows to `metrics.jsonl` (and TensorBoard when installed and wanted)."""
+
+    def __init__(self, work_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
+        self.path = Path(work_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(work_dir) / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, row.get("step", 0))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

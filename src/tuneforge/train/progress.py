@@ -1,0 +1,34 @@
+"""The progress bar of a run: step/total, loss, lr, tokens/s, ETA and memory on one line."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
+
+    def update(self, row: dict) -> None:
+        if self.bar is None:
+            return
+        post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+        if row.get("peak_mem_gb"):
+            post["mem"] = f"{row['peak_mem_gb']:.1f}G"
+        if row.get("mfu"):
+            post["mfu"] = f"{row['mfu']:.0%}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
