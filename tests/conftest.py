@@ -1,43 +1,7 @@
-"""Shared test fixtures: a tiny ChatML tokenizer trained on the fly, and data-file writers."""
-
-from __future__ import annotations
-
-import json
-from pathlib import Path
+"""Shared test fixtures (the builders live in helpers.py)."""
 
 import pytest
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "What is two plus three? Two plus three is five. #### 5",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "system user assistant You are a helpful assistant. Answer the question step by step.",
-    "0 1 2 3 4 5 6 7 8 9 10 11 12 + - * / = ? ! , . ; : ' \" ( ) [ ] { } < > # @ $ % & _",
-    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
-]
-
-
-def build_tokenizer(vocab_size: int = 300):
-    """A byte-level BPE tokenizer with ChatML specials and template (fast, ~50 ms)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
-                                   unk_token="<unk>", pad_token="<|im_end|>")
-    fast.add_special_tokens({"additional_special_tokens": SPECIAL[3:]})
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
+from helpers import build_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -50,30 +14,3 @@ def tokenizer_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(path)
     return path
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def write_config(path: Path, tokenizer_dir, datasets, **sections) -> Path:
-    """A YAML config for tests; `sections` update model/data/train/parallel keys."""
-    import yaml
-
-    tree = {"model": {"path": str(tokenizer_dir), "dtype": "float32"},
-            "data": {"datasets": datasets, "max_length": 64, "cache_dir": str(path.parent / "cache"), "template": "chatml"},
-            "train": {"work_dir": str(path.parent / "run")}}
-    for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
-
-
-def alpaca_records(n: int, seed: int = 0):
-    import random
-
-    rng = random.Random(seed)
-    words = "the fox jumps over lazy dog two plus three is five clips friends April May".split()
-    return [{"instruction": " ".join(rng.choices(words, k=rng.randint(2, 12))),
-             "output": " ".join(rng.choices(words, k=rng.randint(1, 15)))} for _ in range(n)]

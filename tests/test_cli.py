@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import alpaca_records, write_config, write_jsonl
+from helpers import alpaca_records, write_config, write_jsonl
 
 
 def tuneforge(*args, cwd=None):

@@ -2,7 +2,7 @@
 
 import time
 
-from conftest import alpaca_records, write_jsonl
+from helpers import alpaca_records, write_jsonl
 
 from tuneforge.config import load_config
 from tuneforge.data.dataset import build_data
