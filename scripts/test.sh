@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -n 2 --durations=15 "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two test workers on two cores: no OpenMP oversubscription
+exec .venv/bin/python -m pytest -n 2 -p no:warnings --durations=15 "$@"

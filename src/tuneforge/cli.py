@@ -52,7 +52,9 @@ def cmd_chat(args) -> int:
 
 def cmd_export(args) -> int:
     from tuneforge.model.export import export_checkpoint
+    from tuneforge.quiet import quiet_libraries
 
+    quiet_libraries()
     export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype)
     print(f"wrote {args.out_dir}")
     return 0
@@ -60,7 +62,9 @@ def cmd_export(args) -> int:
 
 def cmd_merge(args) -> int:
     from tuneforge.model.export import merge_adapter
+    from tuneforge.quiet import quiet_libraries
 
+    quiet_libraries()
     merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype)
     print(f"wrote {args.out_dir}")
     return 0
@@ -68,7 +72,9 @@ def cmd_merge(args) -> int:
 
 def cmd_import_gguf(args) -> int:
     from tuneforge.model.gguf_import import import_gguf
+    from tuneforge.quiet import quiet_libraries
 
+    quiet_libraries()
     import_gguf(args.file, args.out_dir)
     print(f"wrote {args.out_dir}")
     return 0
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("TUNEFORGE_DEBUG") == "1"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     from tuneforge.errors import UserError
 
     try:

@@ -82,6 +82,7 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
         "max_length": data_cfg.max_length, "truncation": data_cfg.truncation,
     })
     hit = cache.load_entry(root, key)
+    note = None
     if hit is None:
         started = time.time()
         samples = read_samples(entry.path, entry.format, entry.columns, entry.system)
@@ -90,11 +91,18 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
         enc = _encode_with_progress(samples, template, tokenizer, data_cfg, Path(entry.path).name)
         cache.save_entry(root, key, {"tokens": enc.tokens, "trained": enc.trained, "offsets": enc.offsets,
                                      "origin": enc.origin}, {"counts": enc.counts, "path": str(entry.path)})
-        log(f"tokenized {entry.path}: {enc.counts['samples']} samples in {time.time() - started:.1f}s")
         hit = cache.load_entry(root, key)
+        note = f"tokenized {entry.path}: {enc.counts['samples']} samples in {time.time() - started:.1f}s"
     arrays, meta = hit
+    counts = meta["counts"]
+    if len(arrays["offsets"]) == 1:
+        raise DataError(f"every sample of {entry.path} was dropped ({counts['too_long']} longer than "
+                        f"data.max_length={data_cfg.max_length}, {counts['no_loss']} without trained tokens)",
+                        hint="raise data.max_length or use data.truncation=right")
+    if note:
+        log(note)
     return TokenStore(str(entry.path), arrays["tokens"], arrays["trained"], arrays["offsets"], arrays["origin"],
-                      meta["counts"], key)
+                      counts, key)
 
 
 def _encode_with_progress(samples, template, tokenizer, data_cfg, label) -> Encoded:
@@ -114,11 +122,6 @@ def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | N
     template = get_template(data_cfg.template, tokenizer)
     tok_fp = cache.tokenizer_fingerprint(tokenizer)
     stores = [_tokenized(e, tokenizer, template, data_cfg, root, tok_fp, log) for e in entries]
-    for store in stores:
-        if len(store.offsets) == 1:
-            raise DataError(f"every sample of {store.name} was dropped ({store.counts['too_long']} longer than "
-                            f"data.max_length={data_cfg.max_length}, {store.counts['no_loss']} without trained tokens)",
-                            hint="raise data.max_length or use data.truncation=right")
     sizes = np.array([len(s.offsets) - 1 for s in stores], dtype=np.int64)
     sample_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     lengths = np.concatenate([np.diff(np.asarray(s.offsets)) for s in stores]).astype(np.int64)

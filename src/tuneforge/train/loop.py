@@ -123,6 +123,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     stop.install()
     progress = Progress(total_steps, step, enabled=ctx.is_main)
     started, window_tokens, window_start = time.time(), 0, time.time()
+    curve: list[float] = []  # this process's step losses, for the closing summary
     model.train()
     while step < total_steps:
         # 1. the rows of this step (a new epoch starts when the current one runs out)
@@ -179,6 +180,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                "mfu": flops / step_time / (peak * ctx.world_size) if peak else None,
                "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
         window_tokens, window_start = 0, now
+        curve.append(row["loss"])
         if step % tc.log_every == 0 or step == total_steps:
             metrics.write(row)
         progress.update(row)
@@ -204,6 +206,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     progress.close()
     if ctx.is_main:
         final = save_hf_folder(ctx.unwrap(model), tokenizer, work_dir / "final")
-        log(f"done: {step} steps, {tokens_seen:,} tokens in {time.time() - started:.0f}s; saved {final}")
+        k = max(1, min(5, len(curve) // 2))
+        trend = f"; loss {sum(curve[:k]) / k:.4f} -> {sum(curve[-k:]) / k:.4f} (mean of first/last {k} steps)" if curve else ""
+        log(f"done: {step} steps, {tokens_seen:,} tokens in {time.time() - started:.0f}s{trend}; saved {final}")
     metrics.close()
     return 0

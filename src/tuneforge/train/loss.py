@@ -3,8 +3,8 @@
 Owns
 - `chunked_lm_loss`: the SUM of cross-entropy over positions whose label is not -100. Loss
   positions are gathered first (no logits for the rest), then lm_head + CE run `chunk_size`
-  tokens at a time, each chunk under activation checkpointing, so at most one chunk's fp32
-  logits is alive in forward and in backward;
+  tokens at a time, each chunk under activation checkpointing (when there is more than one),
+  so at most one chunk's fp32 logits is alive in forward and in backward;
 - `decoder_and_head`: the base decoder and output head of a plain or PEFT-wrapped causal LM;
 - `lm_loss_sum`: batch -> (loss sum, loss-token count), applying the model's final-logit
   softcapping when its config has one.
@@ -47,7 +47,8 @@ def chunked_lm_loss(
     keep = labels != IGNORE_INDEX
     states = hidden[keep]  # [N, D]: only loss positions ever reach lm_head
     targets = labels[keep]
-    use_checkpoint = torch.is_grad_enabled()
+    # One chunk saves no more than its own recomputation would need: checkpoint only when there are several.
+    use_checkpoint = torch.is_grad_enabled() and len(targets) > chunk_size
     total = None
     # At least one (possibly empty) chunk, so lm_head stays in the graph when N == 0.
     for start in range(0, max(len(targets), 1), chunk_size):

@@ -45,19 +45,9 @@ def prepare_work_dir(cfg, work_dir: Path, resume: str | None, force: bool) -> No
                 path.unlink()
 
 
-def quiet_libraries() -> None:
-    """Keep transformers' own progress bars and deprecation chatter out of our output."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def run_train(cfg, args) -> int:
     from tuneforge.parallel.context import LocalContext
+    from tuneforge.quiet import quiet_libraries
     from tuneforge.train.loop import train
 
     if args.work_dir:

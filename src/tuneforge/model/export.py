@@ -1,0 +1,137 @@
+"""Writing models out: HF folders, merged LoRA adapters and exported checkpoints.
+
+Owns: `save_hf_folder` (a full model or a PEFT adapter folder, safetensors only), merging a
+LoRA adapter into its base (`merge_adapter`), exporting a training checkpoint's `model/`
+(`export_checkpoint`), casting a saved folder's weights to another dtype, and `atomic_dir`:
+every output is written to a temp folder beside its target and renamed into place, so a crash
+never leaves a half-written model where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import ModelConfig
+from tuneforge.errors import UserError
+from tuneforge.model.load import load_model, resolve_dtype
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path):
+    """Yield a fresh temp folder beside `out_dir`; on success it replaces `out_dir`."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def convert_folder_dtype(folder: str | Path, dtype: str | torch.dtype) -> None:
+    """Cast the floating-point tensors of every `*.safetensors` in `folder`, and its config.json."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    target = resolve_dtype(dtype)
+    folder = Path(folder)
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
+        save_file(tensors, str(file), metadata=metadata)
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = str(target).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+    """Save `model` (full weights, or just the adapter of a PeftModel) and `tokenizer`, atomically.
+
+    `dtype` casts the saved weights; the in-memory model is left as it is.
+    """
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if dtype is not None:
+            convert_folder_dtype(tmp, dtype)
+    return Path(out_dir)
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def merge_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype = "float32"
+) -> Path:
+    """Merge the LoRA adapter in `adapter_dir` into the model in `base_dir`; save a plain HF folder.
+
+    The merge is done in float32 and the result cast to `dtype`. The tokenizer comes from the
+    adapter folder when it holds one, else from the base.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    target = resolve_dtype(dtype)
+    base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter if has_tokenizer(adapter) else base_dir))
+    return save_hf_folder(merged, tokenizer, out_dir, dtype=None if target == torch.float32 else target)
+
+
+def export_checkpoint(
+    ckpt_dir: str | Path, out_dir: str | Path, merge_lora: bool = False, dtype: str | torch.dtype | None = None
+) -> Path:
+    """Export the `model/` of a training checkpoint to `out_dir`.
+
+    An adapter is merged into the base its `adapter_config.json` names when `merge_lora`, else
+    copied; a full model is copied. `dtype` casts the weights (merges default to float32).
+    """
+    model_dir = Path(ckpt_dir) / "model"
+    if not model_dir.is_dir():
+        raise UserError(f"{ckpt_dir} has no model/ folder", hint="pass a checkpoint folder written by training")
+    adapter_config = model_dir / "adapter_config.json"
+    if merge_lora and adapter_config.is_file():
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise UserError(
+                f"the adapter in {model_dir} names base model {base!r}, which is not a local folder",
+                hint=f"fix base_model_name_or_path in {adapter_config}, or export without merging",
+            )
+        return merge_adapter(base, model_dir, out_dir, dtype if dtype is not None else "float32")
+    if not any(model_dir.glob("*.safetensors")):
+        raise UserError(f"{model_dir} holds no *.safetensors weights", hint="is this a tuneforge checkpoint?")
+    if dtype is not None:
+        resolve_dtype(dtype)
+    with atomic_dir(out_dir) as tmp:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        if dtype is not None:
+            convert_folder_dtype(tmp, dtype)
+    return Path(out_dir)

@@ -1,0 +1,176 @@
+"""Loading a tokenizer and a causal LM from a local Hugging Face folder, safely.
+
+Owns: checking the model folder before transformers sees it (folder, `config.json`, weights,
+pickle weights, remote code) so every mistake is one `UserError` line with the path and a fix;
+resolving the dtype and attention implementation from `ModelConfig`; gradient checkpointing.
+The QLoRA quantization decision lives in `tuneforge.model.lora.quantization_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import ModelConfig
+from tuneforge.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Files a Hugging Face training run leaves beside the weights that are pickles but not weights.
+_NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """`"bfloat16"` -> `torch.bfloat16`; a UserError for anything not in `DTYPES`."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'", hint=f"use one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: str | Path):
+    """The fast tokenizer in `path`; a missing pad token is set to eos (or unk), vocab unchanged."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"tokenizer folder not found: {folder}", hint="check model.path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from {folder}: {_first_line(exc)}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"the tokenizer in {folder} is not a fast tokenizer", hint="add a tokenizer.json")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def check_model_folder(cfg: ModelConfig) -> dict:
+    """Validate `cfg.path` before loading; returns the parsed `config.json`."""
+    if not cfg.path:
+        raise UserError("model.path is not set", hint="point model.path at a Hugging Face model folder")
+    folder = Path(cfg.path)
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder}", hint="check model.path; models are never downloaded")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"{folder} has no config.json", hint="model.path must be a Hugging Face model folder (save_pretrained)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file} is not valid JSON: {exc}") from None
+
+    safetensors = list(folder.glob("*.safetensors"))
+    pickles = [p for p in [*folder.glob("*.bin"), *folder.glob("*.pt")] if p.name not in _NOT_WEIGHTS]
+    if not safetensors and not pickles:
+        raise UserError(f"{folder} has no weights (*.safetensors)", hint="save the model with save_pretrained")
+    if not safetensors and not cfg.allow_pickle_weights:
+        raise UserError(
+            f"{folder} has only pickle weights ({pickles[0].name}), which can run code when loaded",
+            hint="convert them to safetensors, or set model.allow_pickle_weights: true if you trust the files",
+        )
+
+    _check_remote_code(cfg, folder, config)
+    return config
+
+
+def _check_remote_code(cfg: ModelConfig, folder: Path, config: dict) -> None:
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING or cfg.trust_remote_code:
+        return
+    if "auto_map" in config:
+        raise UserError(
+            f"{folder} needs its own Python code (model_type '{model_type}' is unknown to transformers); "
+            "running it executes whatever the folder contains",
+            hint="read the .py files there, then set model.trust_remote_code: true if you trust them",
+        )
+    raise UserError(
+        f"{folder}/config.json has model_type '{model_type}', which this transformers does not know",
+        hint="upgrade transformers, or check the folder",
+    )
+
+
+def _attn_implementation(cfg: ModelConfig, override: str | None, device: str | torch.device) -> str | None:
+    """An explicit override wins; config "auto" keeps transformers' default; others are resolved."""
+    if override is not None:
+        return override
+    if cfg.attn_implementation == "auto":
+        return None
+    from tuneforge.model.attention import resolve_attn_implementation
+
+    return resolve_attn_implementation(cfg.attn_implementation, torch.device(device).type)
+
+
+def load_model(
+    cfg: ModelConfig,
+    *,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """The causal LM in `cfg.path`, in `dtype` (default `cfg.dtype`), on `device`.
+
+    `attn_implementation` is a transformers name used as given (training passes the one
+    `tuneforge.model.attention.resolve_attn_implementation` picks); without it, config "auto"
+    keeps transformers' default and other config values are resolved by that function.
+    `cfg.quantization` loads it in 4/8 bits for QLoRA (CUDA + bitsandbytes only).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.model.lora import quantization_config
+
+    torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype)
+    check_model_folder(cfg)
+    quant = quantization_config(cfg, device, compute_dtype=torch_dtype)
+    kwargs = dict(
+        dtype=torch_dtype,
+        attn_implementation=_attn_implementation(cfg, attn_implementation, device),
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if cfg.allow_pickle_weights else True,
+    )
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": torch.device(device)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model in {cfg.path}: {_first_line(exc)}") from None
+
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        model.to(device)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing, under either transformers API name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,189 @@
+"""Chunked CE is token-exact; lm_loss_sum on packed batches equals samples run one by one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from tuneforge.model.attention import register_varlen_attention
+from tuneforge.train.loss import chunked_lm_loss, decoder_and_head, lm_loss_sum
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+class Recorder(torch.nn.Linear):
+    """An lm_head that records how many rows each call sees."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.rows = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return super().forward(x)
+
+
+def ce_case(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 11, 16, generator=gen, requires_grad=True)
+    torch.manual_seed(seed)
+    head = Recorder(16, 50, False)
+    labels = torch.randint(0, 50, (2, 11), generator=gen)
+    labels[0, :4] = -100
+    labels[1, 8:] = -100
+    return hidden, head, labels  # 15 loss tokens
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 15, 64])
+def test_chunked_ce_matches_full_logits(chunk_size, softcap):
+    hidden, head, labels = ce_case()
+    logits = head(hidden).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    count = int((labels != -100).sum())
+    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / count
+    ref_h, ref_w = torch.autograd.grad(ref, (hidden, head.weight))
+
+    head.rows.clear()
+    loss = chunked_lm_loss(hidden, head, labels, chunk_size, softcap=softcap) / count
+    assert head.rows and sum(head.rows) == count and max(head.rows) <= chunk_size  # loss rows only, chunked
+    grad_h, grad_w = torch.autograd.grad(loss, (hidden, head.weight))
+    recomputed = count if chunk_size < count else 0  # several chunks: each is recomputed in backward
+    assert sum(head.rows) == count + recomputed
+    assert loss.dtype == torch.float32
+    assert abs((loss - ref).item()) <= 1e-5
+    assert rel_err(grad_h, ref_h) <= 1e-4 and rel_err(grad_w, ref_w) <= 1e-4
+
+
+def test_chunked_ce_softcap_changes_the_loss():
+    hidden, head, labels = ce_case()
+    with torch.no_grad():
+        plain, capped = (chunked_lm_loss(hidden, head, labels, 4, softcap=cap) for cap in (None, 1.0))
+    assert abs(float(plain - capped)) > 1e-2
+
+
+def test_no_loss_tokens_gives_zero_with_a_graph():
+    hidden, head, labels = ce_case()
+    loss = chunked_lm_loss(hidden, head, torch.full_like(labels, -100), 4)
+    loss.backward()
+    assert loss.item() == 0.0 and float(head.weight.grad.abs().sum()) == 0.0
+
+
+def test_checkpointing_keeps_one_chunk_of_logits():
+    # Bytes saved for backward: without checkpointing every chunk's fp32 logits would be kept.
+    hidden, head, labels = ce_case()
+    saved = []
+
+    def pack_hook(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        chunked_lm_loss(hidden, head, labels, 4)
+    full_logits = 15 * 50 * 4
+    assert sum(saved) < full_logits / 2
+
+
+# ---- lm_loss_sum on packed batches --------------------------------------------------------
+
+LENGTHS = (6, 9, 4, 7)
+
+
+def make_samples():
+    gen = torch.Generator().manual_seed(1)
+    samples = []
+    for i, n in enumerate(LENGTHS):
+        ids = torch.randint(1, 128, (n,), generator=gen)
+        labels = ids.clone()
+        if i == 1:
+            labels[:4] = -100  # a prompt
+        samples.append((ids, labels))
+    return samples
+
+
+def pack(samples, rows, row_len):
+    """The batch contract, padding at a row end forming its own span."""
+    fill = {"input_ids": 0, "labels": -100, "position_ids": 0}
+    batch = {k: torch.full((len(rows), row_len), v) for k, v in fill.items()}
+    bounds = [0]
+    for r, row in enumerate(rows):
+        t = 0
+        for i in row:
+            x, y = samples[i]
+            batch["input_ids"][r, t: t + len(x)] = x
+            batch["position_ids"][r, t: t + len(x)] = torch.arange(len(x))
+            batch["labels"][r, t: t + len(x) - 1] = y[1:]
+            t += len(x)
+            bounds.append(r * row_len + t)
+        if t < row_len:
+            batch["position_ids"][r, t:] = torch.arange(row_len - t)
+            bounds.append((r + 1) * row_len)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    batch.update(cu_seqlens=cu, max_seqlen=int(cu.diff().max()), num_loss_tokens=int((batch["labels"] != -100).sum()))
+    return batch
+
+
+def one_by_one(model, samples):
+    """Reference: unpadded samples with the model's default attention and HF's shifted loss."""
+    total = sum(int((y[1:] != -100).sum()) for _, y in samples)
+    model.zero_grad()
+    loss = sum(model(input_ids=x[None], labels=y[None], num_items_in_batch=total).loss for x, y in samples)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_lm_loss_sum(model, chunk_size=5):
+    samples = make_samples()
+    ref_loss, ref_grads = one_by_one(model, samples)
+    model.set_attn_implementation(register_varlen_attention())
+    model.zero_grad()
+    batch = pack(samples, [[0, 1], [2, 3]], 16)
+    loss_sum, count = lm_loss_sum(model, batch, chunk_size)
+    assert count == sum(int((y[1:] != -100).sum()) for _, y in samples)
+    (loss_sum / count).backward()
+    assert abs((loss_sum.detach() / count - ref_loss).item()) <= 1e-5
+    assert ref_grads
+    for name, ref in ref_grads.items():
+        assert rel_err(dict(model.named_parameters())[name].grad, ref) <= 1e-4, name
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa",
+    ))
+
+
+def test_decoder_and_head_plain_and_peft():
+    model = tiny_llama()
+    assert decoder_and_head(model) == (model.model, model.lm_head)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    decoder, head = decoder_and_head(peft)
+    assert decoder is model.model and head is model.lm_head
+
+
+def test_lm_loss_sum_plain_model():
+    check_lm_loss_sum(tiny_llama())
+
+
+def test_lm_loss_sum_peft_lora():
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_llama(), lora)
+    check_lm_loss_sum(model, chunk_size=3)
+
+
+def test_lm_loss_sum_gemma2_softcap_sliding_window_scaling():
+    # final_logit_softcapping, sliding-window layers (window 5 < document 9) and a non-default scaling.
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, sliding_window=5, query_pre_attn_scalar=24, final_logit_softcapping=2.0,
+        attn_logit_softcapping=None, attn_implementation="eager",
+    )
+    check_lm_loss_sum(Gemma2ForCausalLM(config).float())
