@@ -43,9 +43,6 @@ class LocalContext:
     def wrap_model(self, model):
         return model
 
-    def unwrap(self, model):
-        return model
-
     def no_sync(self, model, last: bool):
         return contextlib.nullcontext()
 

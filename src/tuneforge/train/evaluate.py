@@ -8,29 +8,29 @@ from tuneforge.data.records import Message
 
 
 @torch.no_grad()
-def evaluate(model, eval_data, tokenizer, cfg, ctx, device) -> dict:
-    """{'eval_loss': mean CE over all eval loss tokens, 'samples': [{prompt, reply}, ...]}."""
+def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device) -> dict:
+    """{'eval_loss': mean CE over all eval loss tokens, 'samples': [{prompt, reply}, ...]}.
+
+    `trainer` is the (possibly wrapped) loss module, `model` the causal LM it holds.
+    """
     from tuneforge.data.collate import collate_rows
     from tuneforge.generate import generate_reply
-    from tuneforge.train.loss import lm_loss_sum
 
-    was_training = model.training
-    model.eval()
+    was_training = trainer.training
+    trainer.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     rows = list(range(ctx.dp_rank, len(eval_data), ctx.dp_size))
     size = cfg.train.micro_batch_size
     for start in range(0, len(rows), size):
         batch = collate_rows([eval_data.row(r) for r in rows[start: start + size]], tokenizer.pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss_sum, n = lm_loss_sum(model, batch, cfg.train.loss_chunk_size)
-        total += loss_sum.double()
-        count += n
+        total += trainer(batch).double()
+        count += batch["num_loss_tokens"]
     total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
     samples = []
     if ctx.is_main:
-        base = ctx.unwrap(model)
         for prompt in cfg.train.eval_prompts:
-            reply = generate_reply(base, tokenizer, cfg.data.template, [Message("user", prompt)], max_new_tokens=64)
+            reply = generate_reply(model, tokenizer, cfg.data.template, [Message("user", prompt)], max_new_tokens=64)
             samples.append({"prompt": prompt, "reply": reply})
-    model.train(was_training)
+    trainer.train(was_training)
     return {"eval_loss": float(total / max(count, 1)), "samples": samples}

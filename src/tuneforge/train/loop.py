@@ -55,7 +55,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.model.lora import apply_lora, trainable_parameter_count
     from tuneforge.train import checkpoint as ckpt
     from tuneforge.train.evaluate import evaluate
-    from tuneforge.train.loss import lm_loss_sum
+    from tuneforge.train.loss import CausalLMLoss
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
     from tuneforge.train.progress import Progress
@@ -91,8 +91,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     trainable, total_params = trainable_parameter_count(model)
-    model = ctx.wrap_model(model)
-    optimizer = build_optimizer(model, tc)
+    trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through
+    optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
@@ -103,7 +103,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         folder = ckpt.latest_checkpoint(ckpt_root) if resume == "latest" else Path(resume)
         if folder is None:
             raise UserError(f"--resume: no complete checkpoint in {ckpt_root}", hint="start without --resume")
-        state = ckpt.load_checkpoint(folder, ctx.unwrap(model), optimizer, scheduler)
+        state = ckpt.load_checkpoint(folder, model, optimizer, scheduler)
         if state["world_size"] != ctx.dp_size:
             raise UserError(f"checkpoint {folder} was written by {state['world_size']} data-parallel ranks, "
                             f"this run has {ctx.dp_size}", hint="resume with the same number of processes")
@@ -124,7 +124,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     progress = Progress(total_steps, step, enabled=ctx.is_main)
     started, window_tokens, window_start = time.time(), 0, time.time()
     curve: list[float] = []  # this process's step losses, for the closing summary
-    model.train()
+    trainer.train()
     while step < total_steps:
         # 1. the rows of this step (a new epoch starts when the current one runs out)
         rows = sampler.take(rows_per_step)
@@ -141,15 +141,15 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         loss_sum = torch.zeros((), device=device)
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with ctx.no_sync(model, last=index == len(micro_batches) - 1), \
+            with ctx.no_sync(trainer, last=index == len(micro_batches) - 1), \
                     torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                part, _ = lm_loss_sum(model, batch, tc.loss_chunk_size)
+                part = trainer(batch)
                 scaled = part * (ctx.dp_size / max(step_loss_tokens, 1))
             scaler.scale(scaled).backward()
             loss_sum += part.detach()
         # 4. clip, check, step
         scaler.unscale_(optimizer)
-        grad_norm = ctx.clip_grad_norm(model, tc.max_grad_norm)
+        grad_norm = ctx.clip_grad_norm(trainer, tc.max_grad_norm)
         loss = ctx.all_reduce_sum(loss_sum) / max(step_loss_tokens, 1)
         if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
             ids = [s for b in micro_batches for s in b["sample_ids"]]
@@ -187,7 +187,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
         # 6. evaluation, checkpoints, preemption
         if eval_data is not None and tc.eval_every and step % tc.eval_every == 0:
-            result = evaluate(model, eval_data, tokenizer, cfg, ctx, device)
+            result = evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device)
             metrics.write({"step": step, **result})
             progress.note(f"step {step}: eval_loss {result['eval_loss']:.4f}")
         should_save = (tc.save_every and step % tc.save_every == 0) or stop.signal is not None
@@ -195,7 +195,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
                      "sampler": ctx.all_gather_object(sampler.state_dict()), "model_path": cfg.model.path}
             if ctx.is_main:
-                ckpt.save_checkpoint(ckpt_root, step, ctx.unwrap(model), optimizer, scheduler, state, tc.keep_last)
+                ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last)
             ctx.barrier()
         if stop.signal is not None:
             progress.close()
@@ -205,7 +205,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
     progress.close()
     if ctx.is_main:
-        final = save_hf_folder(ctx.unwrap(model), tokenizer, work_dir / "final")
+        final = save_hf_folder(model, tokenizer, work_dir / "final")
         k = max(1, min(5, len(curve) // 2))
         trend = f"; loss {sum(curve[:k]) / k:.4f} -> {sum(curve[-k:]) / k:.4f} (mean of first/last {k} steps)" if curve else ""
         log(f"done: {step} steps, {tokens_seen:,} tokens in {time.time() - started:.0f}s{trend}; saved {final}")

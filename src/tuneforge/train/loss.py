@@ -89,3 +89,20 @@ def lm_loss_sum(model: nn.Module, batch: Mapping, chunk_size: int) -> tuple[torc
     loss = chunked_lm_loss(hidden, head, labels, chunk_size, softcap=softcap)
     count = batch.get("num_loss_tokens")
     return loss, int((labels != IGNORE_INDEX).sum()) if count is None else int(count)
+
+
+class CausalLMLoss(nn.Module):
+    """The training forward as one module: batch in, summed loss-token cross-entropy out.
+
+    Wrappers that hook a module's forward (DDP's gradient sync, FSDP2's parameter
+    gathering) wrap this module, so the decoder and the chunked LM head run inside a
+    single wrapped forward. `.model` is the causal LM (PEFT-wrapped or not).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: Mapping) -> torch.Tensor:
+        return lm_loss_sum(self.model, batch, self.chunk_size)[0]

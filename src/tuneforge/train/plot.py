@@ -1,0 +1,41 @@
+"""`tuneforge plot RUN_DIR`: loss (train and eval), learning rate and tokens/s over steps, as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneforge.errors import UserError
+from tuneforge.train.metrics import read_metrics
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(Path(run_dir))
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if not train:
+        raise UserError(f"{run_dir} has no metrics.jsonl rows to plot", hint="pass a train.work_dir of a run")
+    steps = [r["step"] for r in train]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    axes[0].plot(steps, [r["loss"] for r in train], label="train loss")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in train], color="tab:orange")
+    axes[1].set_ylabel("learning rate")
+    axes[2].plot(steps, [r["tokens_per_s"] for r in train], color="tab:green")
+    axes[2].set_ylabel("tokens/s")
+    axes[2].set_xlabel("optimizer step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    target = Path(out) if out else Path(run_dir) / "metrics.png"
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+    return target
