@@ -9,6 +9,8 @@ drops over-long samples). Results are flat numpy arrays, ready to be memory-mapp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 
 import numpy as np
 
@@ -62,48 +64,97 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def _start_encoding(tokenizer, texts: list[str], pool):
+    """Begin tokenizing `texts`; returns a thunk giving the encodings.
+
+    The Rust tokenizer releases the GIL and uses every core, so it runs in `pool` while
+    the caller renders the next batch and masks the previous one.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        future = pool.submit(backend.encode_batch, texts, add_special_tokens=False)
+
+        def result():
+            encodings = future.result()
+            return [e.ids for e in encodings], [e.offsets for e in encodings]
+
+        return result
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
+    return lambda: (enc["input_ids"], enc["offset_mapping"])
+
+
+def _flatten(ids_lists, offset_lists) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int32, offsets int64 (n, 2), per-text token counts), flat over the batch."""
+    counts = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
+    total = int(counts.sum())
+    ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int32, count=total)
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64, count=2 * total)
+    return ids, offsets.reshape(-1, 2), counts
+
+
 def encode_samples(samples: list[Sample], template, tokenizer, max_length: int, truncation: str,
-                   batch_size: int = 1024, progress=None) -> Encoded:
-    """Render, tokenize and mask `samples`; drop/truncate as configured and count it."""
+                   batch_size: int = 2048, progress=None) -> Encoded:
+    """Render, tokenize and mask `samples`; drop/truncate as configured and count it.
+
+    Work is vectorised per batch: the texts are tokenized together, and trained spans are
+    matched to tokens on character positions made global over the batch.
+    """
     bos_for_text = adds_bos(tokenizer)
-    pieces_tokens, pieces_mask, lengths, origin = [], [], [], []
+    parts_tokens, parts_mask, parts_len, parts_origin = [], [], [], []
     counts = {"samples": len(samples), "dropped": 0, "truncated": 0, "no_loss": 0, "too_long": 0}
-    for begin in range(0, len(samples), batch_size):
-        chunk = samples[begin: begin + batch_size]
-        rendered = [_spans(render_sample(s, template, tokenizer, bos_for_text)) for s in chunk]
-        enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
-                        return_offsets_mapping=True, return_attention_mask=False)
-        for j, ((_, spans), ids, offs) in enumerate(zip(rendered, enc["input_ids"], enc["offset_mapping"])):
-            ids = np.asarray(ids, dtype=np.int32)
-            mask = trained_token_mask(np.asarray(offs, dtype=np.int64).reshape(-1, 2), spans)
-            if len(ids) > max_length:
-                if truncation == "drop":
-                    counts["dropped"] += 1
-                    counts["too_long"] += 1
-                    continue
-                ids, mask = ids[:max_length], mask[:max_length]
-                if not mask[1:].any():
-                    counts["dropped"] += 1
-                    counts["too_long"] += 1
-                    continue
-                counts["truncated"] += 1
-            if not mask[1:].any():
-                counts["dropped"] += 1
-                counts["no_loss"] += 1
-                continue
-            mask[0] = False  # the first token is never predicted
-            pieces_tokens.append(ids)
-            pieces_mask.append(mask)
-            lengths.append(len(ids))
-            origin.append(begin + j)
+
+    def finish(begin, rendered, encodings):
+        ids, offsets, lens = _flatten(*encodings())
+        # global character positions: sample j's text starts at char_base[j]
+        char_base = np.zeros(len(rendered), dtype=np.int64)
+        np.cumsum([len(text) for text, _ in rendered[:-1]], out=char_base[1:])
+        spans = [(a + base, b + base) for (_, sample_spans), base in zip(rendered, char_base.tolist())
+                 for a, b in sample_spans]
+        trained = trained_token_mask(offsets + np.repeat(char_base, lens)[:, None], spans)
+        starts = np.zeros(len(rendered), dtype=np.int64)
+        np.cumsum(lens[:-1], out=starts[1:])
+        position = np.arange(len(ids)) - np.repeat(starts, lens)
+        trained &= position > 0  # the first token of a sample is never predicted
+        too_long = lens > max_length
+        keep_sample = lens > 1
+        if truncation == "drop":
+            keep_sample &= ~too_long
+        kept_len = np.minimum(lens, max_length)
+        in_row = position < np.repeat(kept_len, lens)
+        loss_count = np.bincount(np.repeat(np.arange(len(rendered)), lens), weights=trained & in_row,
+                                 minlength=len(rendered))
+        no_loss = keep_sample & (loss_count == 0)
+        counts["too_long"] += int((too_long & (~keep_sample | no_loss)).sum()) if truncation == "right" else int(too_long.sum())
+        counts["no_loss"] += int((no_loss & ~too_long).sum()) + int((lens <= 1).sum())
+        keep_sample &= loss_count > 0
+        counts["dropped"] += int((~keep_sample).sum())
+        counts["truncated"] += int((keep_sample & too_long).sum())
+        keep_token = in_row & np.repeat(keep_sample, lens)
+        parts_tokens.append(ids[keep_token])
+        parts_mask.append(trained[keep_token])
+        parts_len.append(kept_len[keep_sample])
+        parts_origin.append(begin + np.flatnonzero(keep_sample))
         if progress is not None:
-            progress(len(chunk))
+            progress(len(rendered))
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for begin in range(0, len(samples), batch_size):
+            rendered = [_spans(render_sample(s, template, tokenizer, bos_for_text))
+                        for s in samples[begin: begin + batch_size]]
+            started = (begin, rendered, _start_encoding(tokenizer, [text for text, _ in rendered], pool))
+            if pending is not None:
+                finish(*pending)
+            pending = started
+        if pending is not None:
+            finish(*pending)
+    lengths = np.concatenate(parts_len) if parts_len else np.zeros(0, np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return Encoded(
-        tokens=np.concatenate(pieces_tokens) if pieces_tokens else np.zeros(0, np.int32),
-        trained=np.concatenate(pieces_mask) if pieces_mask else np.zeros(0, bool),
+        tokens=np.concatenate(parts_tokens) if parts_tokens else np.zeros(0, np.int32),
+        trained=np.concatenate(parts_mask) if parts_mask else np.zeros(0, bool),
         offsets=offsets,
-        origin=np.asarray(origin, dtype=np.int64),
+        origin=np.concatenate(parts_origin).astype(np.int64) if parts_origin else np.zeros(0, np.int64),
         counts=counts,
     )
