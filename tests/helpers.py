@@ -82,3 +82,41 @@ def make_tiny_model(path, tokenizer, seed=0, tie=False):
 def losses(work_dir):
     rows = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+# ---- packed batches vs samples one by one (attention and loss references) -------------------
+
+def make_samples(lengths=(5, 9, 3, 7), vocab=128, prompt_in=1):
+    """(input_ids, HF-style unshifted labels) per sample; sample `prompt_in` starts with a 4-token prompt."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    samples = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, vocab, (n,), generator=gen)
+        labels = ids.clone()
+        if i == prompt_in:
+            labels[:4] = -100
+        samples.append((ids, labels))
+    return samples
+
+
+def packed_batch(samples, rows, row_len, pad_id=0):
+    """The batch the real collator builds from `samples` packed as `rows` (lists of sample indices)."""
+    from tuneforge.data.collate import collate_rows
+
+    pieces = [[(samples[i][0].numpy(), (samples[i][1] != -100).numpy(), ("test", i)) for i in row] for row in rows]
+    return collate_rows(pieces, pad_id=pad_id, length=row_len)
+
+
+def one_by_one(model, samples):
+    """Reference: unpadded samples with the model's default attention and HF's shifted loss."""
+    total = sum(int((y[1:] != -100).sum()) for _, y in samples)
+    model.zero_grad()
+    loss = sum(model(input_ids=x[None], labels=y[None], num_items_in_batch=total).loss for x, y in samples)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))

@@ -1,10 +1,13 @@
 """Varlen attention: packed rows match the samples run one by one, in fp32."""
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from helpers import one_by_one, packed_batch, rel_err
 
 from tuneforge.errors import UserError
 from tuneforge.model.attention import (
@@ -29,52 +32,15 @@ def tiny_model(attn: str = "sdpa") -> LlamaForCausalLM:
 
 
 def make_samples():
-    """(input_ids, HF-style unshifted labels) per sample; the first tokens of sample 1 are a prompt."""
-    gen = torch.Generator().manual_seed(1)
-    samples = []
-    for i, n in enumerate(LENGTHS):
-        ids = torch.randint(1, 128, (n,), generator=gen)
-        labels = ids.clone()
-        if i == 1:
-            labels[:4] = -100
-        samples.append((ids, labels))
-    return samples
+    return helpers.make_samples(LENGTHS)
 
 
 def pack(samples, rows, row_len):
-    """The batch contract: shifted labels per sample, positions restart, padding is its own span."""
-    ids = torch.full((len(rows), row_len), PAD)
-    labels = torch.full((len(rows), row_len), -100)
-    pos = torch.zeros((len(rows), row_len), dtype=torch.long)
-    bounds = [0]
-    for r, row in enumerate(rows):
-        t = 0
-        for i in row:
-            x, y = samples[i]
-            n = len(x)
-            ids[r, t: t + n], pos[r, t: t + n] = x, torch.arange(n)
-            labels[r, t: t + n - 1] = y[1:]
-            t += n
-            bounds.append(r * row_len + t)
-        if t < row_len:
-            pos[r, t:] = torch.arange(row_len - t)
-            bounds.append((r + 1) * row_len)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    return {
-        "input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu,
-        "max_seqlen": int(cu.diff().max()), "num_loss_tokens": int((labels != -100).sum()),
-    }
+    return packed_batch(samples, rows, row_len, pad_id=PAD)
 
 
 def reference(model, samples):
-    """Samples one by one, unpadded, HF's own shifted loss normalised by the total count."""
-    total = sum(int((y[1:] != -100).sum()) for _, y in samples)
-    model.zero_grad()
-    loss = sum(
-        model(input_ids=x[None], labels=y[None], num_items_in_batch=total).loss for x, y in samples
-    )
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return one_by_one(model, samples)
 
 
 def packed(model, batch):
@@ -84,10 +50,6 @@ def packed(model, batch):
     loss = loss / batch["num_loss_tokens"]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 ROWS = {"one_row": ([[0, 1, 2, 3]], 26), "two_rows": ([[0, 1], [2, 3]], 16)}

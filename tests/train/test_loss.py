@@ -1,17 +1,16 @@
 """Chunked CE is token-exact; lm_loss_sum on packed batches equals samples run one by one."""
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from helpers import one_by_one, packed_batch, rel_err
+
 from tuneforge.model.attention import register_varlen_attention
 from tuneforge.train.loss import chunked_lm_loss, decoder_and_head, lm_loss_sum
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 class Recorder(torch.nn.Linear):
@@ -94,46 +93,11 @@ LENGTHS = (6, 9, 4, 7)
 
 
 def make_samples():
-    gen = torch.Generator().manual_seed(1)
-    samples = []
-    for i, n in enumerate(LENGTHS):
-        ids = torch.randint(1, 128, (n,), generator=gen)
-        labels = ids.clone()
-        if i == 1:
-            labels[:4] = -100  # a prompt
-        samples.append((ids, labels))
-    return samples
+    return helpers.make_samples(LENGTHS)
 
 
 def pack(samples, rows, row_len):
-    """The batch contract, padding at a row end forming its own span."""
-    fill = {"input_ids": 0, "labels": -100, "position_ids": 0}
-    batch = {k: torch.full((len(rows), row_len), v) for k, v in fill.items()}
-    bounds = [0]
-    for r, row in enumerate(rows):
-        t = 0
-        for i in row:
-            x, y = samples[i]
-            batch["input_ids"][r, t: t + len(x)] = x
-            batch["position_ids"][r, t: t + len(x)] = torch.arange(len(x))
-            batch["labels"][r, t: t + len(x) - 1] = y[1:]
-            t += len(x)
-            bounds.append(r * row_len + t)
-        if t < row_len:
-            batch["position_ids"][r, t:] = torch.arange(row_len - t)
-            bounds.append((r + 1) * row_len)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    batch.update(cu_seqlens=cu, max_seqlen=int(cu.diff().max()), num_loss_tokens=int((batch["labels"] != -100).sum()))
-    return batch
-
-
-def one_by_one(model, samples):
-    """Reference: unpadded samples with the model's default attention and HF's shifted loss."""
-    total = sum(int((y[1:] != -100).sum()) for _, y in samples)
-    model.zero_grad()
-    loss = sum(model(input_ids=x[None], labels=y[None], num_items_in_batch=total).loss for x, y in samples)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return packed_batch(samples, rows, row_len)
 
 
 def check_lm_loss_sum(model, chunk_size=5):
