@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides.append(item)
         else:
             parser.error(f"unrecognized argument: {item}")
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):  # `--resume key=value`: an override, not a dir
+        args.overrides.append(resume)
+        args.resume = "latest"
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
