@@ -154,6 +154,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
             ids = [s for b in micro_batches for s in b["sample_ids"]]
             if not tc.skip_nonfinite:
+                progress.close()
                 raise TrainingError(f"non-finite loss {float(loss)} / grad norm {float(grad_norm)} at step {step + 1}; "
                                     f"samples {ids[:8]}", hint="set train.skip_nonfinite: true to skip such steps")
             optimizer.zero_grad(set_to_none=True)
