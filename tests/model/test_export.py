@@ -120,7 +120,7 @@ def test_export_adapter_with_missing_base(adapter_checkpoint, tmp_path):
 
 
 def test_export_without_model_folder(tmp_path):
-    with pytest.raises(UserError, match="has no model/ folder"):
+    with pytest.raises(UserError, match="neither a checkpoint \\(with model/\\) nor a model or adapter folder"):
         export_checkpoint(tmp_path, tmp_path / "out", merge_lora=False)
 
 

@@ -70,10 +70,18 @@ def convert_folder_dtype(folder: str | Path, dtype: str | torch.dtype) -> None:
 def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
     """Save `model` (full weights, or just the adapter of a PeftModel) and `tokenizer`, atomically.
 
-    `dtype` casts the saved weights; the in-memory model is left as it is.
+    `dtype` casts the saved weights; the in-memory model is left as it is. A full model loaded
+    from an InternLM2 folder is written back in InternLM2's layout and config (its remote-code
+    files copied along); adapters keep the Llama names they were trained with.
     """
+    from tuneforge.model.internlm2 import internlm2_origin, save_as_internlm2
+
+    origin = internlm2_origin(model)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp))
+        if origin is not None:
+            save_as_internlm2(model, origin["config"], tmp, source_dir=origin["folder"])
+        else:
+            model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if dtype is not None:
@@ -109,14 +117,17 @@ def merge_adapter(
 def export_checkpoint(
     ckpt_dir: str | Path, out_dir: str | Path, merge_lora: bool = False, dtype: str | torch.dtype | None = None
 ) -> Path:
-    """Export the `model/` of a training checkpoint to `out_dir`.
+    """Export the `model/` of a training checkpoint (or a run's `final/`) to `out_dir`.
 
     An adapter is merged into the base its `adapter_config.json` names when `merge_lora`, else
     copied; a full model is copied. `dtype` casts the weights (merges default to float32).
     """
     model_dir = Path(ckpt_dir) / "model"
-    if not model_dir.is_dir():
-        raise UserError(f"{ckpt_dir} has no model/ folder", hint="pass a checkpoint folder written by training")
+    if not model_dir.is_dir():  # a run's final/ (or any HF / adapter folder) is its own model folder
+        model_dir = Path(ckpt_dir)
+    if not ((model_dir / "config.json").is_file() or (model_dir / "adapter_config.json").is_file()):
+        raise UserError(f"{ckpt_dir} is neither a checkpoint (with model/) nor a model or adapter folder",
+                        hint="pass checkpoints/step_N or final/ of a run")
     adapter_config = model_dir / "adapter_config.json"
     if merge_lora and adapter_config.is_file():
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")

@@ -3,6 +3,7 @@
 Owns: checking the model folder before transformers sees it (folder, `config.json`, weights,
 pickle weights, remote code) so every mistake is one `UserError` line with the path and a fix;
 resolving the dtype and attention implementation from `ModelConfig`; gradient checkpointing.
+InternLM2 folders are loaded through `tuneforge.model.internlm2` (converted to Llama, no remote code).
 The QLoRA quantization decision lives in `tuneforge.model.lora.quantization_config`.
 """
 
@@ -16,7 +17,8 @@ import torch
 from tuneforge.config import ModelConfig
 from tuneforge.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Files a Hugging Face training run leaves beside the weights that are pickles but not weights.
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"}
@@ -37,11 +39,15 @@ def load_tokenizer(path: str | Path):
     """The fast tokenizer in `path`; a missing pad token is set to eos (or unk), vocab unchanged."""
     from transformers import AutoTokenizer
 
+    from tuneforge.model.internlm2 import internlm2_folder_tokenizer, is_internlm2
+
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"tokenizer folder not found: {folder}", hint="check model.path")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = internlm2_folder_tokenizer(folder) if is_internlm2(folder) else None
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer from {folder}: {_first_line(exc)}") from None
     if not getattr(tokenizer, "is_fast", False):
@@ -86,7 +92,7 @@ def _check_remote_code(cfg: ModelConfig, folder: Path, config: dict) -> None:
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if model_type in CONFIG_MAPPING or cfg.trust_remote_code:
+    if model_type in CONFIG_MAPPING or cfg.trust_remote_code or model_type == "internlm2":  # converted, no remote code
         return
     if "auto_map" in config:
         raise UserError(
@@ -127,6 +133,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from tuneforge.model.internlm2 import is_internlm2, load_internlm2_as_llama
     from tuneforge.model.lora import quantization_config
 
     torch_dtype = resolve_dtype(dtype if dtype is not None else cfg.dtype)
@@ -141,7 +148,10 @@ def load_model(
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": torch.device(device)})
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        if is_internlm2(cfg.path):  # converted to Llama whatever trust_remote_code says
+            model = load_internlm2_as_llama(cfg.path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model in {cfg.path}: {_first_line(exc)}") from None
 

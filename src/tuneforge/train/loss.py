@@ -7,7 +7,7 @@ Owns
   so at most one chunk's fp32 logits is alive in forward and in backward;
 - `decoder_and_head`: the base decoder and output head of a plain or PEFT-wrapped causal LM;
 - `lm_loss_sum`: batch -> (loss sum, loss-token count), applying the model's final-logit
-  softcapping when its config has one.
+  softcapping when its config has one and adding a MoE router's load-balancing loss.
 Labels arrive already shifted (labels[b, t] is the target of position t), so nothing is
 shifted here; the caller divides by the global loss-token count.
 """
@@ -79,16 +79,40 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return decoder, head
 
 
+def router_aux_loss(model: nn.Module, router_logits) -> torch.Tensor:
+    """The MoE load-balancing loss exactly as the model's own forward computes it."""
+    import sys
+
+    base = model.get_base_model() if _is_peft(model) else model
+    balance = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func")
+    config = base.config
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts")
+    return balance(router_logits, experts, config.num_experts_per_tok, None)
+
+
 def lm_loss_sum(model: nn.Module, batch: Mapping, chunk_size: int) -> tuple[torch.Tensor, int]:
-    """(sum of token CE over the batch's loss positions, number of those positions)."""
+    """(sum of token CE over the batch's loss positions, number of those positions).
+
+    For a mixture-of-experts model whose config asks for router logits, the router's
+    load-balancing loss (times `router_aux_loss_coef`) is added once per loss token, so that
+    dividing by the step's loss-token count weights it like the token loss.
+    """
     decoder, head = decoder_and_head(model)
-    out = decoder(**model_inputs(batch))
+    config = decoder.config
+    moe = bool(getattr(config, "output_router_logits", False)) and getattr(config, "router_aux_loss_coef", 0)
+    inputs = model_inputs(batch)
+    if moe:
+        inputs["output_router_logits"] = True
+    out = decoder(**inputs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    softcap = getattr(decoder.config, "final_logit_softcapping", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
     labels = batch["labels"]
     loss = chunked_lm_loss(hidden, head, labels, chunk_size, softcap=softcap)
     count = batch.get("num_loss_tokens")
-    return loss, int((labels != IGNORE_INDEX).sum()) if count is None else int(count)
+    count = int((labels != IGNORE_INDEX).sum()) if count is None else int(count)
+    if moe and getattr(out, "router_logits", None) is not None:
+        loss = loss + config.router_aux_loss_coef * router_aux_loss(model, out.router_logits) * count
+    return loss, count
 
 
 class CausalLMLoss(nn.Module):
