@@ -88,6 +88,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from tuneforge.plan import run_plan
+
+    return run_plan(_config(args), args.gpus, args.gpu_memory, args.json)
+
+
 def cmd_list_configs(args) -> int:
     from tuneforge.recipes import list_recipes
 
@@ -160,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG file (default RUN_DIR/metrics.png)")
 
+    p = verb("plan", cmd_plan, "estimate per-device memory and the smallest change that fits")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("--gpus", type=int, default=None, metavar="N", help="number of GPUs (default: one CPU process)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="memory per device")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = verb("list-configs", cmd_list_configs, "list the shipped recipes")
     p.add_argument("pattern", nargs="?", default=None)
 
@@ -184,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train` re-runs it under torchrun
     debug = args.debug or os.environ.get("TUNEFORGE_DEBUG") == "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     from tuneforge.errors import UserError

@@ -1,0 +1,217 @@
+"""`tuneforge plan`: per-device memory before launching, and the smallest change that fits.
+
+Owns the memory model. Sizes are in decimal GB (1e9 bytes), per device:
+- model states, as in the ZeRO paper with Ψ parameters, N data-parallel devices and K = 12
+  bytes of fp32 master weights + Adam moments per trained parameter under mixed precision:
+  ZeRO-1 = 2Ψ + 2Ψ + KΨ/N, ZeRO-2 = 2Ψ + (2 + K)Ψ/N, ZeRO-3 = (4 + K)Ψ/N (7B on 8 GPUs:
+  38.5 / 26.25 / 14 GB). In fp32 (CPU) weights, gradients and the two Adam moments take 16
+  bytes per trained parameter, with no master copy. LoRA keeps the frozen base in the
+  compute dtype (about 0.56 bytes per parameter in 4-bit NF4) and pays optimizer and
+  gradient bytes only for adapter parameters. Offload moves optimizer states (and under
+  ZeRO-3 the parameters) to host memory;
+- activations of a Llama-style layer per token (bytes per element × (7h + 2·kv + 4·i)),
+  times layers, or only the layer inputs plus one recomputed layer with gradient
+  checkpointing; tokens per device = micro batch × max_length / sequence parallel;
+- logits: one chunk (chunked cross-entropy) of fp32 logits, their gradient and softmax;
+- a fixed runtime overhead (CUDA context and allocator, or the Python/torch process on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tuneforge.errors import UserError
+
+GB = 1e9
+OPTIMIZER_BYTES = 12  # fp32 master + Adam m + v per trained parameter (mixed precision)
+
+
+@dataclass
+class ModelShape:
+    params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelShape":
+        cfg = cfg.get("text_config", cfg)
+        h = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        kv = cfg.get("num_key_value_heads", heads)
+        head_dim = cfg.get("head_dim") or h // heads
+        inter = cfg.get("intermediate_size", 4 * h)
+        layers = cfg["num_hidden_layers"]
+        vocab = cfg["vocab_size"]
+        experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 1
+        attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
+        mlp = 3 * h * inter * experts
+        embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
+        return cls(layers * (attn + mlp + 2 * h) + embed + h, h, inter, layers, heads, kv, head_dim, vocab)
+
+    def lora_params(self, r: int) -> int:
+        """Adapter parameters of LoRA rank r on every linear layer of every decoder layer."""
+        h, kvd, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        qd = self.heads * self.head_dim
+        pairs = [(h, qd), (h, kvd), (h, kvd), (qd, h), (h, i), (h, i), (i, h)]
+        return self.layers * sum(r * (a + b) for a, b in pairs)
+
+
+@dataclass
+class Setup:
+    devices: int = 1
+    device_memory_gb: float | None = None
+    device: str = "cuda"  # cuda | cpu
+    zero: int = 3  # 0 = DDP / single
+    offload: bool = False
+    lora_rank: int | None = None
+    bits: int | None = None  # 4 = QLoRA
+    micro_batch: int = 1
+    max_length: int = 2048
+    sequence_parallel: int = 1
+    tensor_parallel: int = 1
+    checkpointing: bool = False
+    chunk_size: int = 1024
+
+
+def estimate(shape: ModelShape, s: Setup) -> dict:
+    """Per-device bytes by component (GB) for `shape` trained as `s` describes."""
+    psi = shape.params / s.tensor_parallel
+    dp = max(s.devices // (s.sequence_parallel * s.tensor_parallel), 1)
+    compute_bytes = 4 if s.device == "cpu" else 2
+    zero = s.zero if dp > 1 else 0
+    if s.lora_rank:
+        trained = shape.lora_params(s.lora_rank) / s.tensor_parallel
+        base = psi * (0.5625 if s.bits == 4 else compute_bytes)
+        weights = base / dp if zero == 3 else base
+        adapter_states = trained * (16 if s.device == "cpu" else 4 + OPTIMIZER_BYTES)
+        states = adapter_states / dp if zero >= 1 else adapter_states
+        params, grads, optim = weights, 0.0, states
+    elif s.device == "cpu":
+        params, grads, optim = 4 * psi, 4 * psi, 8 * psi
+        if zero >= 1:
+            optim /= dp
+        if zero >= 2:
+            grads /= dp
+        if zero >= 3:
+            params /= dp
+    else:
+        params, grads, optim = 2 * psi, 2 * psi, OPTIMIZER_BYTES * psi
+        if zero >= 1:
+            optim /= dp
+        if zero >= 2:
+            grads /= dp
+        if zero >= 3:
+            params /= dp
+    host = 0.0
+    if s.offload:
+        host += optim
+        optim = 0.0
+        if zero >= 3:
+            host += params
+            params = 0.0
+    tokens = s.micro_batch * s.max_length / s.sequence_parallel
+    per_token_layer = compute_bytes * (7 * shape.hidden + 2 * shape.kv_heads * shape.head_dim
+                                       + 4 * shape.intermediate) / s.tensor_parallel
+    if s.checkpointing:
+        activations = tokens * (shape.layers * compute_bytes * shape.hidden + per_token_layer)
+    else:
+        activations = tokens * shape.layers * per_token_layer
+    logits = min(s.chunk_size, tokens) * shape.vocab * 4 * 3
+    overhead = 0.45 * GB if s.device == "cpu" else 1.0 * GB
+    parts = {"params": params, "grads": grads, "optimizer": optim, "activations": activations,
+             "logits": logits, "overhead": overhead}
+    total = sum(parts.values())
+    return {**{k: v / GB for k, v in parts.items()}, "total": total / GB, "host_offload": host / GB,
+            "model_states": (params + grads + optim) / GB}
+
+
+def suggestions(shape: ModelShape, s: Setup) -> list[tuple[str, Setup]]:
+    """Candidate changes, cheapest first."""
+    out = []
+    if not s.checkpointing:
+        out.append(("model.gradient_checkpointing: true", replace(s, checkpointing=True)))
+    if s.devices > 1 and s.zero < 3:
+        out.append((f"parallel.zero: {s.zero + 1}", replace(s, zero=s.zero + 1)))
+    if not s.offload and s.devices > 1:
+        out.append(("parallel.offload: true", replace(s, offload=True)))
+    if s.micro_batch > 1:
+        out.append((f"train.micro_batch_size: {s.micro_batch // 2} (double train.gradient_accumulation)",
+                    replace(s, micro_batch=s.micro_batch // 2)))
+    if not s.lora_rank:
+        out.append(("model.lora: {r: 16}", replace(s, lora_rank=16)))
+    elif s.bits != 4 and s.device == "cuda":
+        out.append(("model.quantization: {bits: 4} (QLoRA)", replace(s, bits=4)))
+    out.append((f"--gpus {s.devices * 2}", replace(s, devices=s.devices * 2)))
+    return out
+
+
+def recommend(shape: ModelShape, s: Setup) -> str | None:
+    """The first single change that fits, else the first pair, else None."""
+    if s.device_memory_gb is None:
+        return None
+    fits = lambda setup: estimate(shape, setup)["total"] <= s.device_memory_gb  # noqa: E731
+    if fits(s):
+        return None
+    singles = suggestions(shape, s)
+    for text, setup in singles:
+        if fits(setup):
+            return text
+    for text, setup in singles:
+        for text2, setup2 in suggestions(shape, setup):
+            if fits(setup2):
+                return f"{text} and {text2}"
+    return "no single or double change fits; use more devices or a smaller model"
+
+
+def setup_from_config(cfg, gpus: int | None, gpu_memory: float | None) -> Setup:
+    import os
+
+    device = "cuda" if gpus else ("cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "cuda")
+    strategy = cfg.parallel.strategy
+    zero = 0 if strategy in ("single", "ddp") else cfg.parallel.zero
+    return Setup(devices=gpus or 1, device_memory_gb=gpu_memory, device=device, zero=zero,
+                 offload=cfg.parallel.offload, lora_rank=cfg.model.lora.r if cfg.model.lora else None,
+                 bits=cfg.model.quantization.bits if cfg.model.quantization else None,
+                 micro_batch=cfg.train.micro_batch_size, max_length=cfg.data.max_length,
+                 sequence_parallel=cfg.parallel.sequence_parallel, tensor_parallel=cfg.parallel.tensor_parallel,
+                 checkpointing=cfg.model.gradient_checkpointing, chunk_size=cfg.train.loss_chunk_size)
+
+
+def model_shape(path: str) -> ModelShape:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{config_file} not found", hint="plan needs model.path (a folder with config.json)")
+    return ModelShape.from_config(json.loads(config_file.read_text()))
+
+
+def run_plan(cfg, gpus: int | None, gpu_memory: float | None, as_json: bool) -> int:
+    shape = model_shape(cfg.model.path)
+    setup = setup_from_config(cfg, gpus, gpu_memory)
+    result = estimate(shape, setup)
+    advice = recommend(shape, setup)
+    if as_json:
+        print(json.dumps({"model_params": shape.params, "setup": asdict(setup), "per_device_gb": result,
+                          "fits": None if gpu_memory is None else result["total"] <= gpu_memory,
+                          "recommendation": advice}))
+        return 0
+    print(f"model: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}")
+    print(f"setup: {setup.devices} x {setup.device}, ZeRO-{setup.zero}{' + offload' if setup.offload else ''}, "
+          f"{'LoRA r=' + str(setup.lora_rank) if setup.lora_rank else 'full fine-tune'}"
+          f"{' 4-bit' if setup.bits == 4 else ''}, micro batch {setup.micro_batch} x {setup.max_length} tokens"
+          f"{', SP=' + str(setup.sequence_parallel) if setup.sequence_parallel > 1 else ''}"
+          f"{', checkpointing' if setup.checkpointing else ''}")
+    for key in ("params", "grads", "optimizer", "activations", "logits", "overhead"):
+        print(f"  {key:<12} {result[key]:>9.2f} GB")
+    print(f"  {'total':<12} {result['total']:>9.2f} GB per device"
+          + (f"  (+{result['host_offload']:.2f} GB in host memory)" if result["host_offload"] else ""))
+    if gpu_memory is not None:
+        verdict = "fits" if result["total"] <= gpu_memory else "does NOT fit"
+        print(f"{verdict} in {gpu_memory:g} GB" + (f"; smallest change that fits: {advice}" if advice else ""))
+    return 0

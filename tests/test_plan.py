@@ -1,0 +1,51 @@
+"""The memory planner: the ZeRO paper's anchors, component scaling, and the recommendation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tuneforge.plan import ModelShape, Setup, estimate, recommend
+
+SEVEN_B = ModelShape(params=7_000_000_000, hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32,
+                     head_dim=128, vocab=32000)
+
+
+@pytest.mark.parametrize("zero,expected", [(1, 38.5), (2, 26.25), (3, 14.0)])
+def test_zero_anchors_7b_on_8_gpus(zero, expected):
+    result = estimate(SEVEN_B, Setup(devices=8, zero=zero))
+    assert result["model_states"] == pytest.approx(expected)
+
+
+def test_components_scale_as_expected():
+    base = estimate(SEVEN_B, Setup(devices=8, zero=3, max_length=4096))
+    assert estimate(SEVEN_B, Setup(devices=8, zero=3, max_length=4096, sequence_parallel=2))["activations"] == \
+        pytest.approx(base["activations"] / 2)
+    ckpt = estimate(SEVEN_B, Setup(devices=8, zero=3, max_length=4096, checkpointing=True))
+    assert ckpt["activations"] < base["activations"] / 5
+    offload = estimate(SEVEN_B, Setup(devices=8, zero=3, offload=True))
+    assert offload["optimizer"] == 0 and offload["params"] == 0 and offload["host_offload"] > 0
+    lora = estimate(SEVEN_B, Setup(devices=1, zero=0, lora_rank=16))
+    qlora = estimate(SEVEN_B, Setup(devices=1, zero=0, lora_rank=16, bits=4))
+    assert lora["params"] == pytest.approx(14.0) and qlora["params"] == pytest.approx(7 * 0.5625)
+    assert lora["optimizer"] < 1.0  # only the adapter carries Adam states
+
+
+def test_recommendation_is_the_smallest_change_that_fits():
+    setup = Setup(devices=8, zero=2, device_memory_gb=27, max_length=2048, checkpointing=True)
+    assert estimate(SEVEN_B, setup)["total"] > 27
+    assert recommend(SEVEN_B, setup) == "parallel.zero: 3"
+    assert recommend(SEVEN_B, Setup(devices=8, zero=3, device_memory_gb=80)) is None
+
+
+def test_plan_cli_json(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300).save_pretrained(tmp_path)
+    (tmp_path / "c.yaml").write_text(f"model: {{path: {tmp_path}}}\n")
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "plan", str(tmp_path / "c.yaml"), "--gpus", "8",
+                          "--gpu-memory", "80", "--json"], capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert report["fits"] is True and report["per_device_gb"]["total"] > 0 and report["recommendation"] is None
