@@ -83,9 +83,10 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [json.dumps(row) for row in _parse_rows(self.path) if row.get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -111,6 +112,17 @@ class MetricsLog:
             self.writer.close()
 
 
+def _parse_rows(path: Path) -> list[dict]:
+    """Rows of a metrics file; a line torn by a crash mid-write is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return _parse_rows(path) if path.exists() else []
