@@ -28,6 +28,12 @@ def cmd_check_data(args) -> int:
     return run_check_data(cfg, show=args.show, as_json=args.json)
 
 
+def cmd_tokenize(args) -> int:
+    from tuneforge.data.internevo import run_tokenize
+
+    return run_tokenize(_config(args), args.out_dir)
+
+
 def _print_config(cfg) -> int:
     from tuneforge.config import dump_config
 
@@ -137,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N rendered rows, trained tokens highlighted")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = verb("tokenize", cmd_tokenize, "write the config's datasets, tokenized, as InternEvo .bin/.meta files")
+    p.add_argument("config")
+    p.add_argument("out_dir")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
     p = verb("chat", cmd_chat, "talk to a model (interactive, or one answer with --prompt)")
     p.add_argument("model_dir")

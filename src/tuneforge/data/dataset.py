@@ -3,7 +3,9 @@
 Owns the pipeline order and its cache keys. `build_data` returns a `PackedData` whose
 rows the collator turns into batches, and a `report` of what happened to every sample
 (what `check-data` prints). Each dataset entry is tokenized and cached on its own, so that
-changing one dataset, or only the packing, does not re-tokenize the others.
+changing one dataset, or only the packing, does not re-tokenize the others. Pre-tokenized
+`internevo` entries skip records, template and tokenizer (`tuneforge.data.internevo`); their
+key follows the `.bin`/`.meta` bytes, and whether packing is `hard` (long samples kept whole).
 """
 
 from __future__ import annotations
@@ -73,22 +75,31 @@ class PackedData:
 
 
 def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, log) -> TokenStore:
-    files = data_files(entry.path)
-    key = cache.make_key({
-        "stage": "tokenized",
-        "files": [(f.name, cache.file_digest(f)) for f in files],
-        "format": entry.format, "columns": entry.columns, "system": entry.system,
-        "tokenizer": tok_fp, "template": data_cfg.template,
-        "max_length": data_cfg.max_length, "truncation": data_cfg.truncation,
-    })
+    pretokenized = entry.format == "internevo"  # token ids on disk: no template, no tokenizer
+    if pretokenized:
+        from tuneforge.data import internevo
+
+        key = cache.make_key(internevo.cache_parts(entry, data_cfg))
+    else:
+        files = data_files(entry.path)
+        key = cache.make_key({
+            "stage": "tokenized",
+            "files": [(f.name, cache.file_digest(f)) for f in files],
+            "format": entry.format, "columns": entry.columns, "system": entry.system,
+            "tokenizer": tok_fp, "template": data_cfg.template,
+            "max_length": data_cfg.max_length, "truncation": data_cfg.truncation,
+        })
     hit = cache.load_entry(root, key)
     note = None
     if hit is None:
         started = time.time()
-        samples = read_samples(entry.path, entry.format, entry.columns, entry.system)
-        if not samples:
-            raise DataError(f"dataset {entry.path} is empty")
-        enc = _encode_with_progress(samples, template, tokenizer, data_cfg, Path(entry.path).name)
+        if pretokenized:
+            enc = _read_internevo_with_progress(entry, data_cfg)
+        else:
+            samples = read_samples(entry.path, entry.format, entry.columns, entry.system)
+            if not samples:
+                raise DataError(f"dataset {entry.path} is empty")
+            enc = _encode_with_progress(samples, template, tokenizer, data_cfg, Path(entry.path).name)
         cache.save_entry(root, key, {"tokens": enc.tokens, "trained": enc.trained, "offsets": enc.offsets,
                                      "origin": enc.origin}, {"counts": enc.counts, "path": str(entry.path)})
         hit = cache.load_entry(root, key)
@@ -96,13 +107,27 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
     arrays, meta = hit
     counts = meta["counts"]
     if len(arrays["offsets"]) == 1:
+        short = f", {counts['short']} shorter than min_length={entry.min_length}" if counts.get("short") else ""
         raise DataError(f"every sample of {entry.path} was dropped ({counts['too_long']} longer than "
-                        f"data.max_length={data_cfg.max_length}, {counts['no_loss']} without trained tokens)",
+                        f"data.max_length={data_cfg.max_length}, {counts['no_loss']} without trained tokens{short})",
                         hint="raise data.max_length or use data.truncation=right")
+    if counts.get("max_token", -1) >= len(tokenizer):
+        raise DataError(f"{entry.path} holds token id {counts['max_token']}, beyond the tokenizer's "
+                        f"{len(tokenizer)} tokens", hint="the data was tokenized for another model; check model.path")
     if note:
         log(note)
     return TokenStore(str(entry.path), arrays["tokens"], arrays["trained"], arrays["offsets"], arrays["origin"],
                       counts, key)
+
+
+def _read_internevo_with_progress(entry, data_cfg) -> Encoded:
+    from tqdm.auto import tqdm
+
+    from tuneforge.data.internevo import read_internevo
+
+    with tqdm(desc=f"read {Path(entry.path).name}", unit="sample", disable=None, leave=False) as bar:
+        return read_internevo(entry.path, data_cfg.max_length, data_cfg.truncation, entry.min_length,
+                              keep_long=data_cfg.packing == "hard", progress=bar.update)
 
 
 def _encode_with_progress(samples, template, tokenizer, data_cfg, label) -> Encoded:
@@ -119,7 +144,8 @@ def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | N
     if not entries:
         raise DataError("no datasets configured", hint="set data.datasets: [{path: ..., format: ...}]")
     root = Path(cache_root or data_cfg.cache_dir or cache.default_cache_dir())
-    template = get_template(data_cfg.template, tokenizer)
+    needs_template = any(e.format != "internevo" for e in entries)  # pre-tokenized data has none
+    template = get_template(data_cfg.template, tokenizer) if needs_template else None
     tok_fp = cache.tokenizer_fingerprint(tokenizer)
     stores = [_tokenized(e, tokenizer, template, data_cfg, root, tok_fp, log) for e in entries]
     sizes = np.array([len(s.offsets) - 1 for s in stores], dtype=np.int64)

@@ -176,6 +176,9 @@ PARSERS = {"alpaca": _alpaca, "openai": _openai, "sharegpt": _sharegpt, "xtuner"
 
 def read_samples(path: str | Path, fmt: str, columns: dict | None = None, system: str | None = None) -> list[Sample]:
     """All samples of one dataset entry, in file order; any bad record raises DataError."""
+    if fmt == "internevo":
+        raise DataError("format internevo holds token ids, not records",
+                        hint="it is read by tuneforge.data.internevo.read_internevo")
     if fmt not in PARSERS:
         raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(PARSERS)})")
     parse = PARSERS[fmt]

@@ -20,7 +20,7 @@ import torch
 
 from tuneforge.config import ModelConfig
 from tuneforge.errors import UserError
-from tuneforge.model.load import load_model, resolve_dtype
+from tuneforge.model.load import load_model, load_tokenizer, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -94,7 +94,7 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 
 def merge_adapter(
-    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype = "float32"
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32"
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into the model in `base_dir`; save a plain HF folder.
 
@@ -102,15 +102,14 @@ def merge_adapter(
     adapter folder when it holds one, else from the base.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    target = resolve_dtype(dtype)
+    target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
     base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter if has_tokenizer(adapter) else base_dir))
+    tokenizer = load_tokenizer(adapter if has_tokenizer(adapter) else base_dir)  # InternLM2 bases too
     return save_hf_folder(merged, tokenizer, out_dir, dtype=None if target == torch.float32 else target)
 
 
@@ -137,6 +136,10 @@ def export_checkpoint(
                 hint=f"fix base_model_name_or_path in {adapter_config}, or export without merging",
             )
         return merge_adapter(base, model_dir, out_dir, dtype if dtype is not None else "float32")
+    if not any(model_dir.glob("*.safetensors")) and (Path(ckpt_dir) / "dcp").is_dir():
+        from tuneforge.parallel.fsdp import export_sharded  # an FSDP checkpoint: consolidate its shards
+
+        return export_sharded(ckpt_dir, out_dir, dtype=None if dtype is None else resolve_dtype(dtype))
     if not any(model_dir.glob("*.safetensors")):
         raise UserError(f"{model_dir} holds no *.safetensors weights", hint="is this a tuneforge checkpoint?")
     if dtype is not None:

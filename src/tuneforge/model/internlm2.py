@@ -283,9 +283,10 @@ def save_as_internlm2(model, original_config: dict, out_dir: str | Path, *, sour
     """Write `model` (a Llama-layout model) in InternLM2's names, with `original_config` as config.json.
 
     The config keeps its `auto_map`; `vocab_size` and `dtype` follow the model. With
-    `source_dir`, the remote-code `*.py` files and `generation_config.json` of the original
-    folder are copied too, so InternLM2's own code can load the result. Weights go to
-    `model.safetensors` (sharded with an index above `max_shard_size`). Writes in place: wrap
+    `source_dir`, the remote-code `*.py` files, `generation_config.json` and `tokenizer.model`
+    of the original folder are copied too, so InternLM2's own code can load the result. Weights go to
+    `model.safetensors` (sharded with an index above `max_shard_size`). A sharded model (FSDP2
+    DTensors) is gathered with `full_tensor()`, which every rank must call. Writes in place: wrap
     it in `tuneforge.model.export.atomic_dir` for an all-or-nothing folder.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -305,10 +306,9 @@ def save_as_internlm2(model, original_config: dict, out_dir: str | Path, *, sour
     sd = {k: v.contiguous() for k, v in sd.items()}
     embed = sd["model.tok_embeddings.weight"]
     config["vocab_size"] = int(embed.shape[0])
-    dtype = str(embed.dtype).removeprefix("torch.")
-    for key in ("torch_dtype", "dtype"):
-        if key in config or key == "torch_dtype":
-            config[key] = dtype
+    config["torch_dtype"] = str(embed.dtype).removeprefix("torch.")
+    if "dtype" in config:
+        config["dtype"] = config["torch_dtype"]
     split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
@@ -320,7 +320,7 @@ def save_as_internlm2(model, original_config: dict, out_dir: str | Path, *, sour
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if source_dir is not None:
         source = Path(source_dir)
-        for file in [*source.glob("*.py"), source / "generation_config.json"]:
+        for file in [*source.glob("*.py"), source / "generation_config.json", source / "tokenizer.model"]:
             if file.is_file() and not (out / file.name).exists():
                 shutil.copy2(file, out / file.name)
     return out
