@@ -49,3 +49,32 @@ def test_plan_cli_json(tmp_path):
                           "--gpu-memory", "80", "--json"], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     assert report["fits"] is True and report["per_device_gb"]["total"] > 0 and report["recommendation"] is None
+
+
+def test_every_shipped_recipe_validates_and_plans(capsys):
+    from tuneforge.config import load_config
+    from tuneforge.plan import run_plan
+    from tuneforge.recipes import recipe_names, recipe_path
+
+    names = recipe_names()
+    assert len(names) >= 7
+    for name in names:
+        text = recipe_path(name).read_text()
+        assert text.startswith("# ") and "Launch:" in text, name  # header: what it is and how to launch it
+        cfg = load_config(recipe_path(name))
+        assert run_plan(cfg, gpus=8, gpu_memory=80, as_json=True) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["per_device_gb"]["total"] > 0, name
+
+
+def test_list_and_copy_configs(tmp_path, capsys):
+    from tuneforge.cli import main
+
+    assert main(["list-configs", "internlm2"]) == 0
+    listed = capsys.readouterr().out
+    assert "internlm2_chat_7b_qlora_oasst1_2gpu" in listed and "smollm2" not in listed
+    assert main(["copy-config", "internlm2_20b_full_zero3_8gpu", str(tmp_path)]) == 0
+    assert (tmp_path / "internlm2_20b_full_zero3_8gpu.yaml").is_file()
+    assert main(["copy-config", "internlm2_20b_full_zero3_8gpu", str(tmp_path)]) == 2
+    assert main(["copy-config", "internlm2_20b_ful", str(tmp_path)]) == 2
+    assert "did you mean" in capsys.readouterr().err

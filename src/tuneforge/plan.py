@@ -19,6 +19,7 @@ Owns the memory model. Sizes are in decimal GB (1e9 bytes), per device:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -184,11 +185,34 @@ def setup_from_config(cfg, gpus: int | None, gpu_memory: float | None) -> Setup:
                  checkpointing=cfg.model.gradient_checkpointing, chunk_size=cfg.train.loss_chunk_size)
 
 
+# Published shapes (from each model's config.json), so recipes can be planned before download.
+KNOWN_CONFIGS = {
+    "internlm2-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=92544),
+    "internlm2-20b": dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=48, num_attention_heads=48,
+                          num_key_value_heads=8, vocab_size=92544),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
+    "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, num_local_experts=8),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
 def model_shape(path: str) -> ModelShape:
+    """The shape from `path/config.json`, or a published shape matched by the folder's name."""
     config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{config_file} not found", hint="plan needs model.path (a folder with config.json)")
-    return ModelShape.from_config(json.loads(config_file.read_text()))
+    if config_file.is_file():
+        return ModelShape.from_config(json.loads(config_file.read_text()))
+    def norm(text: str) -> str:
+        return re.sub(r"[-_.]|chat|instruct", "", text.lower())
+
+    for key in sorted(KNOWN_CONFIGS, key=len, reverse=True):
+        if norm(key) in norm(Path(path).name):
+            return ModelShape.from_config(KNOWN_CONFIGS[key])
+    raise UserError(f"{config_file} not found and {Path(path).name!r} is not a model plan knows",
+                    hint=f"point model.path at a folder with config.json (known names: {', '.join(KNOWN_CONFIGS)})")
 
 
 def run_plan(cfg, gpus: int | None, gpu_memory: float | None, as_json: bool) -> int:
