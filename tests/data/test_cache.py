@@ -51,3 +51,16 @@ def test_tokenizer_change_invalidates(tokenizer, tmp_path):
     other.add_tokens(["jumps over"])
     build_data(config(data_file), other, cache_root=root)
     assert len(entries(root)) == 4
+
+
+def test_mixing_weights_show_in_the_report(tokenizer, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca_records(40, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", alpaca_records(30, seed=2))
+    cfg = load_config(None, base={"data": {"datasets": [{"path": str(a), "format": "alpaca", "weight": 2.5},
+                                                        {"path": str(b), "format": "alpaca", "weight": 0.5}],
+                                           "max_length": 64, "template": "chatml", "packing": "none"}})
+    data = build_data(cfg, tokenizer, cache_root=tmp_path / "cache")
+    first, second = data.report["datasets"]
+    assert (first["samples_read"], first["samples_used"]) == (40, 100)  # two copies + a random half
+    assert (second["samples_read"], second["samples_used"]) == (30, 15)
+    assert len(data) == 115 and first["tokens"] + second["tokens"] == data.report["tokens"]
