@@ -9,7 +9,8 @@ Owns the memory model. Sizes are in decimal GB (1e9 bytes), per device:
   compute dtype (about 0.56 bytes per parameter in 4-bit NF4) and pays optimizer and
   gradient bytes only for adapter parameters. Offload moves optimizer states (and under
   ZeRO-3 the parameters) to host memory;
-- activations of a Llama-style layer per token (bytes per element × (7h + 2·kv + 4·i)),
+- activations of a Llama-style layer per token (bytes per element × (9h + 4·kv + 4·i): norms,
+  q/k/v and their rotary copies, attention output, and four MLP tensors of width i),
   times layers, or only the layer inputs plus one recomputed layer with gradient
   checkpointing; tokens per device = micro batch × max_length / sequence parallel;
 - logits: one chunk (chunked cross-entropy) of fp32 logits, their gradient and softmax;
@@ -27,6 +28,10 @@ from tuneforge.errors import UserError
 
 GB = 1e9
 OPTIMIZER_BYTES = 12  # fp32 master + Adam m + v per trained parameter (mixed precision)
+# Measured (tests/test_plan_vs_rss.py): on CPU a PEFT LoRA step holds about twice the
+# activation memory of the same full fine-tuning step (the adapter path's extra tensors
+# and the allocator keeping them); fitted on 8-layer and 30-layer Llama shapes.
+CPU_LORA_ACTIVATION_FACTOR = 2.0
 
 
 @dataclass
@@ -118,8 +123,10 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
             host += params
             params = 0.0
     tokens = s.micro_batch * s.max_length / s.sequence_parallel
-    per_token_layer = compute_bytes * (7 * shape.hidden + 2 * shape.kv_heads * shape.head_dim
+    per_token_layer = compute_bytes * (9 * shape.hidden + 4 * shape.kv_heads * shape.head_dim
                                        + 4 * shape.intermediate) / s.tensor_parallel
+    if s.lora_rank and s.device == "cpu":
+        per_token_layer *= CPU_LORA_ACTIVATION_FACTOR
     if s.checkpointing:
         activations = tokens * (shape.layers * compute_bytes * shape.hidden + per_token_layer)
     else:
