@@ -1,8 +1,10 @@
 """The run context the training loop talks to instead of global process-group state.
 
-`LocalContext` is one process on one device. A distributed context offers the same
-methods (reductions, barriers, model wrapping, gradient clipping) over a process group, so
-the loop is the same code for one process and for many.
+`LocalContext` is one process on one device. `tuneforge.parallel.distributed.DistributedContext`
+offers the same methods (reductions, barriers, model wrapping, gradient clipping) over a
+process group, so the loop is the same code for one process and for many. Besides the
+methods, a context says where to load the model (`load_device`) and whether the wrapped
+model's parameters are sharded over ranks (`sharded`: checkpoints then go through DCP).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ class LocalContext:
     world_size = 1
     dp_rank = 0
     dp_size = 1
+    sharded = False
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or default_device()
+        self.load_device = self.device
 
     def main_first(self, fn):
         return fn()

@@ -1,13 +1,23 @@
-"""Checkpoints of a single-process run: atomic save, verified load, exact resume, pruning.
+"""Checkpoints: atomic save, verified load, exact resume, pruning, and the final model.
 
 A checkpoint `checkpoints/step_N/` holds
 - `model/`: a Hugging Face folder (a PEFT adapter folder for LoRA, full weights otherwise),
 - `optimizer.pt`, `scheduler.pt`: their `state_dict`s,
-- `rng.pt` and `state.json`: RNG states, step/epoch counters and the sampler position,
+- `rng.pt` (the RNG states of every rank) and `state.json`: step/epoch counters, the sampler
+  position of every rank, the data-parallel world size and the checkpoint `format`,
 - `manifest.json`, written last: every file with its size and sha256.
-It is written under a hidden temporary name, flushed, and renamed into place only when
-complete, so a crash at any moment leaves either the whole checkpoint or nothing that
-`latest_checkpoint` would pick.
+That is format "hf", written by rank 0 alone: one process, or DDP (whose ranks hold equal
+weights and optimizer state). Under FSDP (format "dcp") every rank writes its shards of the
+model (trainable parameters only for LoRA) and optimizer to `dcp/` through
+torch.distributed.checkpoint; `model/` then holds the config (and, for LoRA, the gathered
+adapter) and `optimizer.pt` is absent. `tuneforge export` consolidates `dcp/` into a plain
+Hugging Face folder. Several nodes need `train.work_dir` on a filesystem they all share.
+
+A checkpoint is written under a hidden temporary name, flushed, and renamed into place by
+rank 0 only when every rank has finished writing, so a crash at any moment leaves either the
+whole checkpoint or nothing that `latest_checkpoint` would pick. Resuming needs the same
+format and the same number of data-parallel ranks (sampler positions are per rank and the
+global batch depends on it); anything else is refused with a clear message before loading.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import numpy as np
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.parallel.context import LocalContext
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -91,36 +102,88 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int,
-                    tokenizer=None) -> Path:
-    """Write `root/step_{step}` atomically, then prune to the newest `keep_last`."""
-    root.mkdir(parents=True, exist_ok=True)
+                    tokenizer=None, *, trainer=None, ctx=None) -> Path:
+    """Write `root/step_{step}` atomically, then prune to the newest `keep_last`.
+
+    With a distributed `ctx` this is a collective: every rank calls it. `trainer` is the
+    wrapped training module (needed for FSDP's sharded state).
+    """
+    ctx = ctx or LocalContext()
     final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    tmp = root / f".tmp-step_{step}"
+    rngs = ctx.all_gather_object(rng_state())
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir()
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        write_manifest(tmp)
-        _fsync_tree(tmp)
-        if final.exists():  # an older run's step with the same number: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+    ctx.barrier()
+    try:
+        if ctx.sharded:
+            from tuneforge.parallel import fsdp
+
+            fsdp.save_sharded(tmp / "dcp", trainer, optimizer)  # every rank writes its shards
+            adapter = fsdp.full_model_state(trainer) if _is_peft(model) else None
+        if ctx.is_main:
+            if not ctx.sharded:
+                model.save_pretrained(tmp / "model", safe_serialization=True)
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            elif adapter is not None:
+                model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=adapter)
+            else:  # the weights are in dcp/; export consolidates them with this config
+                _save_model_config(model, tmp / "model")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "model")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({**state, "format": "dcp" if ctx.sharded else "hf"}, indent=1))
+            write_manifest(tmp)
+            _fsync_tree(tmp)
+            if final.exists():  # an older run's step with the same number: replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}",
                         hint="the previous checkpoint is intact; free disk space and --resume") from None
     finally:
-        if tmp.exists():
+        if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    prune(root, keep_last)
+    ctx.barrier()
+    if ctx.is_main:
+        prune(root, keep_last)
     return final
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _save_model_config(model, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None) -> Path:
+    """Write `model` (or its adapter) with `tokenizer` as a Hugging Face folder; a collective
+    under FSDP, where the weights are gathered to rank 0 first."""
+    from tuneforge.model.export import atomic_dir, save_hf_folder
+
+    ctx = ctx or LocalContext()
+    if ctx.sharded:
+        from tuneforge.parallel import fsdp
+
+        weights = fsdp.full_model_state(trainer)
+        if ctx.is_main:
+            with atomic_dir(out_dir) as tmp:
+                model.save_pretrained(str(tmp), state_dict=weights)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+    elif ctx.is_main:
+        save_hf_folder(model, tokenizer, out_dir)
+    ctx.barrier()
+    return Path(out_dir)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -176,12 +239,38 @@ def load_model_weights(model, folder: Path) -> None:
                         hint="resume with the same model.path and LoRA settings")
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the saved `state` dict."""
+def read_state(folder: Path) -> dict:
+    """The `state.json` of a complete checkpoint (a UserError for anything else)."""
     if not is_complete(folder):
         raise UserError(f"{folder} is not a complete checkpoint", hint="pass a checkpoints/step_N folder with a manifest.json")
-    load_model_weights(model, folder / "model")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
     return json.loads((folder / "state.json").read_text())
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, *, trainer=None, ctx=None) -> dict:
+    """Restore everything `save_checkpoint` wrote; returns the saved `state` dict.
+
+    Collective under FSDP. Refuses, before loading anything, a checkpoint of another format
+    or another number of data-parallel ranks.
+    """
+    ctx = ctx or LocalContext()
+    state = read_state(folder)
+    if state["world_size"] != ctx.dp_size:
+        raise UserError(f"checkpoint {folder} was written by {state['world_size']} data-parallel ranks, "
+                        f"this run has {ctx.dp_size}", hint="resume with the same number of processes")
+    fmt, want = state.get("format", "hf"), "dcp" if ctx.sharded else "hf"
+    if fmt != want:
+        written = "FSDP (sharded)" if fmt == "dcp" else "one process or DDP"
+        raise UserError(f"checkpoint {folder} was written by {written}; this run uses "
+                        f"{'FSDP' if ctx.sharded else 'one process or DDP'}",
+                        hint="resume with the parallel.strategy the run started with")
+    if ctx.sharded:
+        from tuneforge.parallel import fsdp
+
+        fsdp.load_sharded(folder / "dcp", trainer, optimizer)
+    else:
+        load_model_weights(model, folder / "model")
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rngs = torch.load(folder / "rng.pt", weights_only=True)
+    set_rng_state(rngs[ctx.rank] if isinstance(rngs, list) else rngs)  # a dict: older one-process checkpoints
+    return state

@@ -21,14 +21,21 @@ def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device) -> dict:
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     rows = list(range(ctx.dp_rank, len(eval_data), ctx.dp_size))
     size = cfg.train.micro_batch_size
-    for start in range(0, len(rows), size):
-        batch = collate_rows([eval_data.row(r) for r in rows[start: start + size]], tokenizer.pad_token_id)
+    # Under FSDP every forward is a collective (parameter all-gathers): all ranks run the same
+    # number of batches, a rank with fewer rows repeating one with its loss discarded.
+    batches = -(-len(range(0, len(eval_data), ctx.dp_size)) // size) if ctx.sharded else -(-len(rows) // size)
+    for index in range(batches):
+        chunk = rows[index * size: (index + 1) * size]
+        batch = collate_rows([eval_data.row(r) for r in chunk or rows[:1] or [0]], tokenizer.pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        total += trainer(batch).double()
-        count += batch["num_loss_tokens"]
+        part = trainer(batch).double()
+        if chunk:
+            total += part
+            count += batch["num_loss_tokens"]
     total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
     samples = []
-    if ctx.is_main:
+    # Generation runs on rank 0 alone, which FSDP's sharded parameters do not allow.
+    if ctx.is_main and not ctx.sharded:
         for prompt in cfg.train.eval_prompts:
             reply = generate_reply(model, tokenizer, cfg.data.template, [Message("user", prompt)], max_new_tokens=64)
             samples.append({"prompt": prompt, "reply": reply})

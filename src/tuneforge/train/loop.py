@@ -6,6 +6,10 @@ resumes from a checkpoint when asked; then runs optimizer steps. Each step takes
 and divides by the step's total loss-token count (token-exact: accumulation k x micro m
 equals one micro-batch of k*m). It logs metrics, evaluates, checkpoints atomically, handles
 SIGTERM/SIGUSR1 (save, then exit with `PREEMPTED_EXIT`), and writes `final/` at the end.
+
+Every rank of a DDP/FSDP job runs this same function: `ctx` (a `LocalContext` or a
+`DistributedContext`) wraps the model, reduces counts over ranks and hands each rank its
+rows, so N ranks with micro-batch m equal one process with micro-batch m*N.
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.data.dataset import build_data
     from tuneforge.data.samplers import RowSampler
     from tuneforge.model.attention import resolve_attn_implementation
-    from tuneforge.model.export import save_hf_folder
     from tuneforge.model.load import load_model, load_tokenizer
     from tuneforge.model.lora import apply_lora, trainable_parameter_count
     from tuneforge.train import checkpoint as ckpt
@@ -59,6 +62,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
     from tuneforge.train.progress import Progress
+    from tuneforge.train.rankstats import ForwardTimer, gather_rank_stats
 
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -85,13 +89,13 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     amp_dtype = getattr(torch, cfg.model.dtype)
     load_dtype = cfg.model.dtype if (device.type == "cuda" and cfg.model.lora) else "float32"
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
-    model = load_model(cfg.model, device=device, attn_implementation=attn, dtype=load_dtype)
+    model = load_model(cfg.model, device=ctx.load_device, attn_implementation=attn, dtype=load_dtype)
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     trainable, total_params = trainable_parameter_count(model)
-    trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through
+    trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)
     optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
@@ -103,10 +107,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         folder = ckpt.latest_checkpoint(ckpt_root) if resume == "latest" else Path(resume)
         if folder is None:
             raise UserError(f"--resume: no complete checkpoint in {ckpt_root}", hint="start without --resume")
-        state = ckpt.load_checkpoint(folder, model, optimizer, scheduler)
-        if state["world_size"] != ctx.dp_size:
-            raise UserError(f"checkpoint {folder} was written by {state['world_size']} data-parallel ranks, "
-                            f"this run has {ctx.dp_size}", hint="resume with the same number of processes")
+        state = ckpt.load_checkpoint(folder, model, optimizer, scheduler, trainer=trainer, ctx=ctx)
         sampler.load_state_dict(state["sampler"][ctx.dp_rank])
         step, epoch, tokens_seen = state["step"], state["epoch"], state["tokens_seen"]
         log(f"resumed from {folder} at step {step}")
@@ -124,6 +125,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     progress = Progress(total_steps, step, enabled=ctx.is_main)
     started, window_tokens, window_start = time.time(), 0, time.time()
     curve: list[float] = []  # this process's step losses, for the closing summary
+    forward_timer = ForwardTimer(device)  # this rank's forward time, to spot a slow rank
     trainer.train()
     while step < total_steps:
         # 1. the rows of this step (a new epoch starts when the current one runs out)
@@ -135,17 +137,20 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         micro_batches = [collate_rows([data.row(int(r)) for r in rows[i: i + tc.micro_batch_size]], tokenizer.pad_token_id)
                          for i in range(0, len(rows), tc.micro_batch_size)]
         # 2. the step's loss-token count over all micro-batches and ranks normalises the loss
+        rank_tokens = sum(b["num_tokens"] for b in micro_batches)
         step_loss_tokens = ctx.all_reduce_sum(sum(b["num_loss_tokens"] for b in micro_batches))
-        step_tokens = ctx.all_reduce_sum(sum(b["num_tokens"] for b in micro_batches))
-        # 3. forward/backward each micro-batch; gradients add up to the exact mean
+        step_tokens = ctx.all_reduce_sum(rank_tokens)
+        # 3. forward/backward each micro-batch; gradients add up to the exact mean. DDP/FSDP
+        #    average gradients over ranks, hence the factor dp_size; they reduce only after
+        #    the last micro-batch's backward (no_sync).
         loss_sum = torch.zeros((), device=device)
+        forward_timer.reset()
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with ctx.no_sync(trainer, last=index == len(micro_batches) - 1), \
-                    torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                part = trainer(batch)
-                scaled = part * (ctx.dp_size / max(step_loss_tokens, 1))
-            scaler.scale(scaled).backward()
+            with ctx.no_sync(trainer, last=index == len(micro_batches) - 1):
+                with forward_timer, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    part = trainer(batch)
+                scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))).backward()
             loss_sum += part.detach()
         # 4. clip, check, step
         scaler.unscale_(optimizer)
@@ -183,6 +188,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         window_tokens, window_start = 0, now
         curve.append(row["loss"])
         if step % tc.log_every == 0 or step == total_steps:
+            if ctx.world_size > 1:  # per-rank forward time, tokens, memory; names a slow rank
+                row.update(gather_rank_stats(ctx, forward_timer.seconds(), step_time, rank_tokens, device))
             metrics.write(row)
         progress.update(row)
 
@@ -191,22 +198,23 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             result = evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device)
             metrics.write({"step": step, **result})
             progress.note(f"step {step}: eval_loss {result['eval_loss']:.4f}")
-        should_save = (tc.save_every and step % tc.save_every == 0) or stop.signal is not None
+        stopping = ctx.all_reduce_sum(int(stop.signal is not None)) > 0  # every rank stops at the same step
+        should_save = (tc.save_every and step % tc.save_every == 0) or stopping
         if should_save and step < total_steps:
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
                      "sampler": ctx.all_gather_object(sampler.state_dict()), "model_path": cfg.model.path}
-            if ctx.is_main:
-                ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last)
-            ctx.barrier()
-        if stop.signal is not None:
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last,
+                                 trainer=trainer, ctx=ctx)  # every rank takes part
+        if stopping:
             progress.close()
-            log(f"received {stop.signal}: saved checkpoint at step {step}; continue with --resume")
+            log(f"received {stop.signal or 'a stop signal on another rank'}: saved checkpoint at step {step}; "
+                "continue with --resume")
             metrics.close()
             return PREEMPTED_EXIT
 
     progress.close()
+    final = ckpt.save_final_model(work_dir / "final", model, tokenizer, trainer=trainer, ctx=ctx)
     if ctx.is_main:
-        final = save_hf_folder(model, tokenizer, work_dir / "final")
         k = max(1, min(5, len(curve) // 2))
         trend = f"; loss {sum(curve[:k]) / k:.4f} -> {sum(curve[-k:]) / k:.4f} (mean of first/last {k} steps)" if curve else ""
         log(f"done: {step} steps, {tokens_seen:,} tokens in {time.time() - started:.0f}s{trend}; saved {final}")

@@ -22,6 +22,8 @@ class Progress:
             post["mem"] = f"{row['peak_mem_gb']:.1f}G"
         if row.get("mfu"):
             post["mfu"] = f"{row['mfu']:.0%}"
+        if row.get("slow_rank"):  # one rank's forward > 1.5x the median (see tuneforge.train.rankstats)
+            post["slow"] = row["slow_rank"]
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 

@@ -1,12 +1,29 @@
-"""`tuneforge train`: prepare the work dir and the process context, then run the loop.
+"""`tuneforge train`: start the processes, prepare the work dir and the run context, run the loop.
+
+Launching (see `tuneforge.parallel.launch`):
+- `NPROC_PER_NODE=N [NNODES= NODE_RANK= ADDR= PORT=] tuneforge train ...` re-runs the same
+  command under torchrun (`relaunch_with_torchrun`) and returns its exit status;
+- under torchrun (`--launcher pytorch`, or detected from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR)
+  this process joins the job; `--launcher slurm` reads SLURM's variables (`env_from_slurm`);
+- the process group is nccl on GPUs, gloo on the CPU (`init_distributed`).
+
+Strategy (`parallel.strategy`), decided by `resolve_strategy`:
+- `auto`: one process -> `single`; several -> `fsdp` when `parallel.zero` is 2 or 3 (the default
+  3 is FULL_SHARD: parameters, gradients and optimizer state sharded, the most memory saved;
+  2 keeps parameters gathered between forward and backward), `ddp` when it is 1 (FSDP has no
+  optimizer-state-only sharding; DDP replicates everything and is the fastest for models that
+  fit). `--deepspeed NAME` selects DeepSpeed.
+- `single`, `ddp`, `fsdp`, `deepspeed`: as named; `ddp`/`fsdp` with one process run `single`.
+  `parallel.offload` (FSDP) keeps shards and the optimizer step on the CPU.
 
 Owns the work-dir rules: a dir that already holds a run is refused unless `--resume`
 (continue it, with a compatible config) or `--force` (start over, clearing its
-checkpoints, metrics and final model).
+checkpoints, metrics and final model). In a job only rank 0 checks and clears it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -45,18 +62,115 @@ def prepare_work_dir(cfg, work_dir: Path, resume: str | None, force: bool) -> No
                 path.unlink()
 
 
-def run_train(cfg, args) -> int:
+def resolve_strategy(parallel, world_size: int, deepspeed: str | None = None) -> str:
+    """'single' | 'ddp' | 'fsdp' | 'deepspeed' for `parallel` (the config section) on `world_size` ranks."""
+    requested = parallel.strategy
+    if deepspeed is not None:
+        if requested not in ("auto", "deepspeed"):
+            raise UserError(f"--deepspeed {deepspeed} conflicts with parallel.strategy: {requested}",
+                            hint="drop one of them")
+        return "deepspeed"
+    if requested == "deepspeed":
+        return "deepspeed"
+    if parallel.tensor_parallel > 1 or parallel.sequence_parallel > 1:
+        raise UserError("parallel.tensor_parallel and parallel.sequence_parallel > 1 are not available yet",
+                        hint="set them to 1 (data parallel only)")
+    if requested == "fsdp" and parallel.zero == 1:
+        raise UserError("FSDP shards gradients and parameters: parallel.zero must be 2 or 3 with strategy fsdp",
+                        hint="use parallel.strategy: ddp, or DeepSpeed (--deepspeed zero1) for optimizer-state sharding")
+    if world_size == 1:
+        return "single"
+    if requested == "single":
+        raise UserError(f"parallel.strategy: single runs one process, but this job has {world_size}",
+                        hint="use parallel.strategy: auto, ddp or fsdp, or start one process")
+    if requested == "auto":
+        return "fsdp" if parallel.zero in (2, 3) else "ddp"
+    return requested
+
+
+def deepspeed_context(cfg, dist_ctx, deepspeed: str | None):
+    """Hook for DeepSpeed: a context offering LocalContext's methods over a DeepSpeed engine
+    (`deepspeed` is the --deepspeed NAME|FILE.json, None for `parallel.strategy: deepspeed`).
+    Called with dist_ctx=None before a NPROC_PER_NODE relaunch, to fail before starting ranks."""
+    raise UserError("DeepSpeed support is not available yet",
+                    hint="use parallel.strategy: fsdp (parallel.zero: 2 or 3, parallel.offload) instead")
+
+
+def build_context(cfg, dist_ctx, strategy: str, deepspeed: str | None = None):
+    """The run context for `strategy` on the process group of `dist_ctx` (a launch.DistContext)."""
+    import torch
+
     from tuneforge.parallel.context import LocalContext
-    from tuneforge.quiet import quiet_libraries
-    from tuneforge.train.loop import train
+
+    if strategy == "single":
+        return LocalContext(dist_ctx.device)
+    if strategy == "deepspeed":
+        return deepspeed_context(cfg, dist_ctx, deepspeed)
+    from tuneforge.parallel.distributed import DistributedContext
+
+    on_gpu = dist_ctx.device.type == "cuda"
+    if strategy == "fsdp":
+        if cfg.model.quantization is not None:
+            raise UserError("QLoRA (model.quantization) cannot be sharded with FSDP here", hint="use parallel.strategy: ddp")
+        if on_gpu and cfg.model.dtype == "float16":
+            raise UserError("FSDP training in float16 is not supported (its loss scaling needs sharded gradients)",
+                            hint="use model.dtype: bfloat16")
+    param_dtype = getattr(torch, cfg.model.dtype) if on_gpu and cfg.model.dtype != "float32" else None
+    return DistributedContext(dist_ctx, strategy, zero=cfg.parallel.zero, offload=cfg.parallel.offload,
+                              param_dtype=param_dtype)
+
+
+def run_train(cfg, args) -> int:
+    from tuneforge.parallel.launch import init_distributed, launch_env, relaunch_with_torchrun, spawn_request
 
     if args.work_dir:
         cfg.train.work_dir = args.work_dir
     if not cfg.data.datasets:
         raise UserError("data.datasets is empty", hint="add at least one {path, format} entry")
     work_dir = Path(cfg.train.work_dir)
-    prepare_work_dir(cfg, work_dir, args.resume, args.force)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    deepspeed = getattr(args, "deepspeed", None)
+
+    plan = spawn_request(os.environ)
+    if plan is not None:  # NPROC_PER_NODE=N: run this same command as N ranks under torchrun
+        # config errors once, here, rather than from every rank
+        if resolve_strategy(cfg.parallel, plan.nproc_per_node * plan.nnodes, deepspeed) == "deepspeed":
+            deepspeed_context(cfg, None, deepspeed)
+        if plan.node_rank == 0:
+            prepare_work_dir(cfg, work_dir, args.resume, args.force)
+        if plan.note:
+            print(plan.note, file=sys.stderr)
+        argv = getattr(args, "argv", None)
+        if argv is None:
+            raise UserError("cannot relaunch: the command line is unknown", hint="start with torchrun instead")
+        return relaunch_with_torchrun(plan, argv)
+
+    from tuneforge.quiet import quiet_libraries  # torch and transformers: not in a relaunching parent
+    from tuneforge.train.loop import train
+
+    env = launch_env(getattr(args, "launcher", None), os.environ)
+    strategy = resolve_strategy(cfg.parallel, env.world_size, deepspeed)
     quiet_libraries()
-    ctx = LocalContext()
-    return train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=lambda m: print(m, file=sys.stderr))
+    with init_distributed(env) as dist_ctx:
+        ctx = build_context(cfg, dist_ctx, strategy, deepspeed)
+        # rank 0 checks (and under --force clears) the work dir; the others follow its verdict
+        error = None
+        if ctx.is_main:
+            try:
+                prepare_work_dir(cfg, work_dir, args.resume, args.force)
+                work_dir.mkdir(parents=True, exist_ok=True)
+            except UserError as exc:
+                error = exc
+        verdict = ctx.all_gather_object(None if error is None else str(error))[0]
+        if error is not None:
+            raise error
+        if verdict is not None:
+            return UserError.code  # rank 0 reports it
+        log = (lambda m: print(m, file=sys.stderr)) if ctx.is_main else (lambda m: None)
+        if env.world_size > 1:
+            detail = f" (zero {ctx.zero}, offload {'on' if ctx.offload else 'off'})" if strategy == "fsdp" else ""
+            log(f"{strategy}{detail} on {env.world_size} ranks, {dist_ctx.backend} on {dist_ctx.device.type}")
+            if strategy == "fsdp" and cfg.train.eval_prompts:
+                log("note: train.eval_prompts are not generated under FSDP (eval loss still is)")
+        elif cfg.parallel.strategy in ("ddp", "fsdp"):
+            log(f"note: parallel.strategy {cfg.parallel.strategy} with one process: training as a single process")
+        return train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)

@@ -1,0 +1,172 @@
+"""`DistributedContext`: the run context of one rank in a data-parallel job (DDP or FSDP2).
+
+It offers the methods of `LocalContext` (what the training loop calls) over the process group
+that `tuneforge.parallel.launch.init_distributed` created, handed in as its `DistContext`;
+there is no process-group state here beyond what torch.distributed itself keeps.
+
+* `main_first(fn)`: rank 0 runs `fn` (tokenizing and packing into the data cache) while the
+  others wait on `long_barrier`, which has no timeout, then the others run `fn` and hit the cache.
+* `all_reduce_sum`: python ints and floats (summed as int64 / float64) and tensors.
+* `wrap_model`: DDP, or FSDP2 through `tuneforge.parallel.fsdp.apply_fsdp` (the one place
+  `fully_shard` is applied).
+* `no_sync(model, last)`: gradient accumulation without communication until the last
+  micro-batch: DDP's `no_sync()`, FSDP2's `set_requires_gradient_sync(False)`. The forward
+  AND backward of a micro-batch must run inside it.
+* `clip_grad_norm`: the global norm. FSDP2 gradients are DTensors sharded over ranks: the
+  local shards' squared norms are summed over ranks before clipping.
+* `sharded`: True under FSDP; checkpoints then go through torch.distributed.checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from tuneforge.errors import UserError
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+class DistributedContext:
+    """One rank of a DDP or FSDP2 job; every rank is a data-parallel rank."""
+
+    def __init__(self, dist_ctx, strategy: str, *, zero: int = 3, offload: bool = False,
+                 param_dtype: torch.dtype | None = None):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not dist_ctx.initialized:
+            raise ValueError("DistributedContext needs a DistContext with a process group")
+        if strategy == "fsdp" and zero not in (2, 3):
+            raise UserError(f"FSDP shards gradients and parameters: parallel.zero must be 2 or 3, got {zero}",
+                            hint="use parallel.strategy: ddp, or --deepspeed zero1 for optimizer-state sharding only")
+        self.dist = dist_ctx
+        self.strategy = strategy
+        self.zero = zero
+        self.offload = offload
+        self.param_dtype = param_dtype  # FSDP2 MixedPrecisionPolicy on GPU; None keeps the parameters' dtype
+        self.device = dist_ctx.device
+        self.rank = self.dp_rank = dist_ctx.rank
+        self.world_size = self.dp_size = dist_ctx.world_size
+        self.is_main = dist_ctx.is_main
+        self.sharded = strategy == "fsdp"
+        # FSDP2 moves each layer to the device as it shards it, so the full model is loaded on
+        # the CPU and never sits whole on one GPU; DDP replicates it on every device.
+        self.load_device = torch.device("cpu") if self.sharded else self.device
+        self._mesh = None
+
+    def __repr__(self) -> str:
+        extra = f", zero={self.zero}, offload={self.offload}" if self.sharded else ""
+        return f"DistributedContext({self.strategy}, rank {self.rank}/{self.world_size}, {self.device}{extra})"
+
+    @property
+    def mesh(self):
+        """The 1-D data-parallel DeviceMesh over all ranks (built on first use)."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
+        return self._mesh
+
+    # ---- collectives
+    def main_first(self, fn):
+        """Rank 0 runs `fn` first (e.g. builds a cache), then the others; every rank gets fn()."""
+        from tuneforge.parallel.launch import long_barrier
+
+        # Each waiting rank polls the store; ~20 polls/s in all keeps the wait short on a few
+        # ranks and the store (on rank 0's host) unloaded on many.
+        poll_s = min(5.0, 0.05 * self.world_size)
+        if self.is_main:
+            result = fn()
+            long_barrier(self.dist, poll_s)
+            return result
+        long_barrier(self.dist, poll_s)
+        return fn()
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def all_reduce_sum(self, value):
+        """Sum over ranks of an int, a float or a tensor (returned as the same kind)."""
+        if torch.is_tensor(value):
+            out = value.detach().clone()
+            dist.all_reduce(out)
+            return out
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"all_reduce_sum takes an int, a float or a tensor, not {type(value).__name__}")
+        dtype = torch.int64 if isinstance(value, int) else torch.float64
+        out = torch.tensor(value, dtype=dtype, device=self.device)
+        dist.all_reduce(out)
+        return type(value)(out.item())
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    # ---- the model
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.sharded:
+            from tuneforge.parallel.fsdp import apply_fsdp
+
+            return apply_fsdp(model, self.mesh, zero=self.zero, offload=self.offload, param_dtype=self.param_dtype)
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = model.to(self.device)
+        # No buffer sync in forward: the model's buffers (rotary tables) are constants, and a
+        # forward without collectives keeps per-rank forward times comparable.
+        no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 name
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True, **no_buffer_sync)
+
+    @contextlib.contextmanager
+    def no_sync(self, model, last: bool):
+        """Skip the gradient reduction of this micro-batch unless it is the step's last one."""
+        if last:
+            yield
+        elif self.sharded:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            with model.no_sync():
+                yield
+
+    def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` (when > 0) by the global 2-norm of all gradients; returns that norm.
+
+        FSDP2 gradients are DTensors, each rank holding a disjoint Shard(0) slice: the global
+        squared norm is the sum over ranks of the local shards' squared norms, all-reduced on
+        this rank's device. (`torch.nn.utils.clip_grad_norm_` gets the same on DTensors, but
+        with CPU-offloaded gradients it all-reduces a CPU tensor, which an NCCL process group
+        cannot: pytorch/pytorch#148532.)
+        """
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        if self.sharded:
+            from torch.distributed.tensor import DTensor
+
+            local = []
+            for p in params:
+                grad = p.grad
+                if isinstance(grad, DTensor):
+                    if not all(placement.is_shard() for placement in grad.placements):
+                        raise RuntimeError(f"expected sharded gradients, got {grad.placements}")
+                    grad = grad.to_local()
+                local.append(grad)
+            squared = torch.nn.utils.get_total_norm(local, norm_type=2.0, foreach=True).to(self.device, torch.float32) ** 2
+            dist.all_reduce(squared)
+            total = squared.sqrt()
+        else:
+            total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+        if max_norm and max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        return total
