@@ -2,7 +2,6 @@
 (tiny to ~100M-parameter Llama shapes, full and LoRA) agree within ±20%."""
 
 import json
-import resource
 import subprocess
 import sys
 
@@ -25,10 +24,11 @@ SHAPES = {
 }
 
 MEASURE = """
-import resource, sys
+import sys
 from tuneforge.cli import main
+from tuneforge.train.rankstats import peak_rss_bytes
 code = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_KB", peak_rss_bytes() // 1024)
 raise SystemExit(code)
 """
 
