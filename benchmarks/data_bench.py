@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,9 @@ def phase(config: str) -> None:
     started = time.time()
     data = build_data(cfg, tokenizer)
     seconds = time.time() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tuneforge.train.rankstats import peak_rss_bytes
+
+    peak_mb = peak_rss_bytes() / 2**20
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_mb, **{k: data.report[k] for k in
                       ("samples", "tokens", "packs", "packing_efficiency")}}))
 
