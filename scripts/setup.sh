@@ -12,4 +12,4 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[dev]"
 # DeepSpeed (the `deepspeed` extra) without compiling its ops: ZeRO-1/2/3 run on the CPU over gloo.
-python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed>=0.15"
+python -c "import deepspeed" >/dev/null 2>&1 || DS_BUILD_OPS=0 pip install -q --no-build-isolation "deepspeed>=0.15"

@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # `train` re-runs it under torchrun
     debug = args.debug or os.environ.get("TUNEFORGE_DEBUG") == "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    if not os.path.exists("/proc/driver/nvidia"):  # no NVIDIA driver: tell DeepSpeed (imported by accelerate
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # when installed) instead of letting it warn that it guessed
     from tuneforge.errors import UserError
 
     try:
