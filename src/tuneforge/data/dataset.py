@@ -153,7 +153,9 @@ def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | N
     lengths = np.concatenate([np.diff(np.asarray(s.offsets)) for s in stores]).astype(np.int64)
     dataset_of = np.repeat(np.arange(len(stores)), sizes)
 
-    held_out = data_cfg.eval_split if not data_cfg.eval_datasets else 0.0
+    held_out = data_cfg.eval_split if not data_cfg.eval_datasets else 0.0  # eval_datasets: all of them are eval
+    if eval_split and not data_cfg.eval_datasets and held_out <= 0:
+        raise DataError("no eval data", hint="set data.eval_datasets or data.eval_split")
     key = cache.make_key({
         "stage": "packed", "tokenized": [s.key for s in stores],
         "packing": data_cfg.packing, "max_length": data_cfg.max_length, "seed": data_cfg.seed,
@@ -174,10 +176,9 @@ def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | N
 
 
 def _split_order(dataset_of, weights, seed, held_out, eval_split) -> np.ndarray:
-    """Sample order for packing; with `held_out` > 0, a seeded fraction goes to eval."""
+    """Sample order for packing; with `held_out` > 0, a seeded fraction goes to eval (`eval_split`
+    picks that fraction, otherwise the rest)."""
     if held_out <= 0:
-        if eval_split:
-            raise DataError("no eval data: set data.eval_datasets or data.eval_split")
         return mixed_order(dataset_of, weights, seed)
     rng = np.random.default_rng(seed + 1)
     n = len(dataset_of)
