@@ -220,16 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
+        _end_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line unless --debug
         if debug:
             raise
+        _end_progress_bars()
         print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _end_progress_bars() -> None:
+    """A training progress bar left mid-line would swallow the start of the error line."""
+    progress = sys.modules.get("tuneforge.train.progress")
+    if progress is not None:
+        progress.close_open_bars()
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class ParallelConfig(Section):
     offload: bool = False
     sequence_parallel: int = Field(1, ge=1)
     tensor_parallel: int = Field(1, ge=1)
+    timeout_s: float = Field(1800.0, gt=0)  # a collective waiting longer (a hung rank) fails, naming the rank
 
 
 class Config(Section):

@@ -372,6 +372,8 @@ class DistContext:
     store: Any = field(default=None, repr=False)  # the rendezvous store, prefixed per job attempt
     closed: bool = field(default=False, repr=False)
     long_barriers: int = field(default=0, repr=False)
+    heartbeat: Any = field(default=None, repr=False)  # a heartbeat.Heartbeat, to name a rank that stops
+    timeout_s: float = 1800.0  # the process-group timeout
 
     @property
     def is_main(self) -> bool:
@@ -392,9 +394,20 @@ class DistContext:
         if self.initialized:
             import torch.distributed as dist
 
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             if dist.is_initialized():
                 dist.destroy_process_group()
         self.closed = True
+
+    def lost_peer_error(self, exc: BaseException):
+        """A `heartbeat.LostPeerError` naming the ranks that stopped, when `exc` is a failed
+        collective or store call in a job; None otherwise (a bug to show as is)."""
+        from tuneforge.parallel.heartbeat import looks_like_lost_peer, lost_peer_error
+
+        if self.world_size == 1 or self.backend is None or not looks_like_lost_peer(exc):
+            return None
+        return lost_peer_error(exc, self.heartbeat, self.rank, self.timeout_s)
 
     def __enter__(self) -> DistContext:
         return self
@@ -449,8 +462,13 @@ def init_distributed(env: LaunchEnv, timeout_s: float = 1800.0) -> DistContext:
         raise UserError(f"rank {env.rank} could not join the process group at {env.master_addr}:{env.master_port}: {first_line}",
                         hint="check MASTER_ADDR/MASTER_PORT, that every rank started, and that the port is not in use") from exc
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun restarts reuse the agent's store
+    from tuneforge.parallel.heartbeat import Heartbeat
+
+    heartbeat = Heartbeat(env.master_addr, env.master_port, env.rank, env.world_size,
+                          prefix=f"tuneforge/attempt{attempt}/").start()
     return DistContext(env.rank, env.world_size, env.local_rank, env.local_world_size, device, backend,
-                       store=dist.PrefixStore(f"tuneforge/attempt{attempt}", store))
+                       store=dist.PrefixStore(f"tuneforge/attempt{attempt}", store), heartbeat=heartbeat,
+                       timeout_s=timeout_s)
 
 
 def long_barrier(ctx: DistContext, poll_s: float = 5.0, *,

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import sys
+import weakref
+
+_OPEN: "weakref.WeakSet[Progress]" = weakref.WeakSet()  # bars to end before an error line is printed
+
+
+def close_open_bars() -> None:
+    """End every open bar's line, so that the CLI's error message starts on a line of its own."""
+    for progress in list(_OPEN):
+        progress.close()
 
 
 class Progress:
@@ -13,6 +22,7 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10)
+            _OPEN.add(self)
 
     def update(self, row: dict) -> None:
         if self.bar is None:
@@ -34,3 +44,4 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            _OPEN.discard(self)

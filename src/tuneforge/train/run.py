@@ -150,7 +150,7 @@ def run_train(cfg, args) -> int:
     env = launch_env(getattr(args, "launcher", None), os.environ)
     strategy = resolve_strategy(cfg.parallel, env.world_size, deepspeed)
     quiet_libraries()
-    with init_distributed(env) as dist_ctx:
+    with init_distributed(env, timeout_s=cfg.parallel.timeout_s) as dist_ctx:
         ctx = build_context(cfg, dist_ctx, strategy, deepspeed)
         # rank 0 checks (and under --force clears) the work dir; the others follow its verdict
         error = None
@@ -173,4 +173,10 @@ def run_train(cfg, args) -> int:
                 log("note: train.eval_prompts are not generated under FSDP (eval loss still is)")
         elif cfg.parallel.strategy in ("ddp", "fsdp"):
             log(f"note: parallel.strategy {cfg.parallel.strategy} with one process: training as a single process")
-        return train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)
+        try:
+            return train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)
+        except RuntimeError as exc:  # a collective failed: name the rank that died or hangs
+            lost = dist_ctx.lost_peer_error(exc)
+            if lost is None:
+                raise
+            raise lost from exc

@@ -1,0 +1,80 @@
+"""One rank of a job dies or hangs: the other exits soon, with one line naming that rank.
+
+Two DDP ranks started as srun would (no torchrun agent to clean up after them). A killed rank
+closes its sockets, so the survivor's next collective fails at once; a stopped (hung) rank
+is only noticed when `parallel.timeout_s` expires. In both cases the heartbeat counters in
+the rendezvous store tell the survivor who stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import alpaca_records, build_tokenizer, make_tiny_model, write_config, write_jsonl
+from tuneforge.parallel.launch import free_port
+from tuneforge.parallel.heartbeat import LostPeerError
+
+CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
+                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
+
+
+def start_job(tmp_path: Path, timeout_s: float) -> tuple[list[subprocess.Popen], Path]:
+    tokenizer = build_tokenizer()
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer)
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(400))
+    cfg = write_config(tmp_path / "c.yaml", model_dir, [{"path": "d.jsonl", "format": "alpaca"}],
+                       train={"max_steps": 100000, "save_every": 0, "log_every": 1},
+                       parallel={"strategy": "ddp", "timeout_s": timeout_s})
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--launcher", "slurm"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the job did not start training"
+        time.sleep(0.2)
+    return procs, metrics
+
+
+def stop_all(procs):
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("victim, how, expect", [
+    (1, signal.SIGKILL, "rank 1 stopped responding"),
+    (0, signal.SIGKILL, "rank 0 (it hosts the rendezvous store) or the launcher is gone"),
+    (1, signal.SIGSTOP, "rank 1 stopped responding"),
+])
+def test_survivor_names_the_lost_rank(tmp_path, victim, how, expect):
+    timeout_s = 6.0
+    procs, _ = start_job(tmp_path, timeout_s)
+    try:
+        procs[victim].send_signal(how)
+        started = time.time()
+        survivor = procs[1 - victim]
+        out, _ = survivor.communicate(timeout=90)
+        waited = time.time() - started
+    finally:
+        stop_all(procs)
+    last = [line for line in out.splitlines() if line.startswith("error:")]  # on a line of its own
+    assert survivor.returncode == LostPeerError.code, out[-2000:]
+    assert len(last) == 1 and f"error: rank {1 - victim}: lost the process group: {expect}" in last[0], out[-2000:]
+    assert "Traceback" not in out
+    # a dead rank is noticed at the next collective; a hung one after the timeout (+ the heartbeat check)
+    assert waited < (timeout_s + 15 if how == signal.SIGSTOP else 15), waited
