@@ -87,6 +87,39 @@ def test_checkpointing_keeps_one_chunk_of_logits():
     assert sum(saved) < full_logits / 2
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk_size", [1, 4, 15, 64])
+def test_frozen_head_ce_matches_full_logits(chunk_size, softcap):
+    """A frozen nn.Linear head (LoRA) takes the fused path: same loss and hidden-state gradient."""
+    hidden, recorder, labels = ce_case()
+    head = torch.nn.Linear(16, 50, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(recorder.weight)
+        head.bias.normal_()
+    head.requires_grad_(False)
+    logits = head(hidden).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    count = int((labels != -100).sum())
+    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / count
+    (ref_h,) = torch.autograd.grad(2.5 * ref, hidden)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        loss = chunked_lm_loss(hidden, head, labels, chunk_size, softcap=softcap) / count
+    (grad_h,) = torch.autograd.grad(2.5 * loss, hidden)
+    assert abs((loss - ref).item()) <= 1e-5 and rel_err(grad_h, ref_h) <= 1e-5
+    assert (count, 16) in saved and not any(50 in shape for shape in saved)  # the [N, D] gradient, never logits
+
+
+def test_frozen_head_no_loss_tokens():
+    hidden, _, labels = ce_case()
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(False)
+    loss = chunked_lm_loss(hidden, head, torch.full_like(labels, -100), 4)
+    loss.backward()
+    assert loss.item() == 0.0 and float(hidden.grad.abs().sum()) == 0.0
+
+
 # ---- lm_loss_sum on packed batches --------------------------------------------------------
 
 LENGTHS = (6, 9, 4, 7)

@@ -34,6 +34,53 @@ def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, s
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Sum of CE between `states @ weight.T (+ bias)` and `targets`, for a head that is not trained.
+
+    Forward runs `chunk_size` rows at a time and, while each chunk's logits exist, also computes
+    that chunk's gradient w.r.t. `states` ((softmax - one_hot) @ weight, through the softcap
+    when there is one), so backward only scales the saved [N, D] gradient. No logits outlive
+    their chunk and nothing is recomputed: memory holds one chunk of fp32 logits instead of
+    logits, log-softmax and their gradients for every loss token.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, chunk_size: int, softcap):
+        total = torch.zeros((), dtype=torch.float32, device=states.device)
+        grad = torch.empty_like(states) if ctx.needs_input_grad[0] else None
+        for start in range(0, len(targets), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            logits = F.linear(states[chunk], weight, bias).float()
+            capped = None
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            target = targets[chunk, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (lse - logits.gather(1, target)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+                if capped is not None:
+                    probs.mul_(1 - capped * capped)  # d(softcap * tanh(z / softcap)) / dz
+                grad[chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total.to(grad.dtype) if grad is not None else None), None, None, None, None, None
+
+
+def _frozen_linear_head(lm_head: nn.Module) -> bool:
+    """A plain nn.Linear whose weight (and bias) are not trained and not DTensors (TP/FSDP shards)."""
+    if type(lm_head) is not nn.Linear:
+        return False
+    params = [p for p in (lm_head.weight, lm_head.bias) if p is not None]
+    return not any(p.requires_grad for p in params) and all(type(p) in (nn.Parameter, torch.Tensor) for p in params)
+
+
 def chunked_lm_loss(
     hidden: torch.Tensor,
     lm_head: nn.Module,
@@ -41,12 +88,17 @@ def chunked_lm_loss(
     chunk_size: int,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Sum (fp32) of CE over labels != -100 of `lm_head(hidden)`, `chunk_size` tokens at a time."""
+    """Sum (fp32) of CE over labels != -100 of `lm_head(hidden)`, `chunk_size` tokens at a time.
+
+    A frozen plain linear head (LoRA) goes through `FrozenHeadCrossEntropy`; a trained one
+    through per-chunk activation checkpointing."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     keep = labels != IGNORE_INDEX
     states = hidden[keep]  # [N, D]: only loss positions ever reach lm_head
     targets = labels[keep]
+    if _frozen_linear_head(lm_head):
+        return FrozenHeadCrossEntropy.apply(states, lm_head.weight, lm_head.bias, targets, chunk_size, softcap)
     # One chunk saves no more than its own recomputation would need: checkpoint only when there are several.
     use_checkpoint = torch.is_grad_enabled() and len(targets) > chunk_size
     total = None
