@@ -11,6 +11,8 @@ samples) its `--steps` optimizer steps will train on, and hands exactly those sa
 others:
   tuneforge  `tuneforge train` (soft packing + varlen attention + chunked CE), one packed row
              of `--max-length` tokens per step;
+  tuneforge_compile  the same with `model.compile=true` (each decoder block compiled; its first
+             step includes the compile, so it shows in "time to first step", not in tokens/s);
   trl        `SFTTrainer(packing=True, packing_strategy="bfd", padding_free=True)` on the same
              samples (pre-tokenized `input_ids` + `labels`), one packed row per step; it re-packs
              them itself, so its row count may differ by one or two (all tokens still trained once);
@@ -45,8 +47,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("tuneforge", "trl", "hf")
-LABELS = {"tuneforge": "tuneforge (packed, varlen, chunked CE)", "trl": "TRL SFTTrainer (bfd packing, padding-free)",
+SYSTEMS = ("tuneforge", "tuneforge_compile", "trl", "hf")
+LABELS = {"tuneforge": "tuneforge (packed, varlen, chunked CE)",
+          "tuneforge_compile": "tuneforge + model.compile (per block)",
+          "trl": "TRL SFTTrainer (bfd packing, padding-free)",
           "hf": "HF Trainer (padded batches)"}
 IGNORE = -100
 
@@ -263,7 +267,12 @@ def summarize_steps(steps: list[dict]) -> dict:
 # phase: one system's run
 # --------------------------------------------------------------------------------------------
 
-def run_tuneforge(spec: dict, examples: dict, out_dir: Path) -> dict:
+def run_tuneforge_compiled(spec: dict, examples: dict, out_dir: Path) -> dict:
+    """tuneforge with `model.compile=true`: the first step includes compiling (time to first step)."""
+    return run_tuneforge(spec, examples, out_dir, overrides=["model.compile=true"])
+
+
+def run_tuneforge(spec: dict, examples: dict, out_dir: Path, overrides: tuple | list = ()) -> dict:
     import tuneforge.train.metrics as tf_metrics
     from tuneforge.cli import main as tuneforge_main
 
@@ -277,7 +286,7 @@ def run_tuneforge(spec: dict, examples: dict, out_dir: Path) -> dict:
 
     tf_metrics.MetricsLog.write = write
     work_dir = out_dir / "run"
-    code = tuneforge_main(["train", spec["config"], "--work-dir", str(work_dir), "--force"])
+    code = tuneforge_main(["train", spec["config"], *overrides, "--work-dir", str(work_dir), "--force"])
     if code != 0:
         raise SystemExit(f"tuneforge train exited {code}")
     rss = peak_rss_mb()
@@ -412,7 +421,7 @@ def phase_run(system: str, spec_path: Path, out_path: Path, evaluate: bool) -> N
     examples = json.loads((Path(spec["work"]) / "examples.json").read_text())
     out_dir = Path(spec["work"]) / f"out_{system}"
     out_dir.mkdir(exist_ok=True)
-    runner = {"tuneforge": run_tuneforge, "trl": run_trl, "hf": run_hf}[system]
+    runner = {"tuneforge": run_tuneforge, "tuneforge_compile": run_tuneforge_compiled, "trl": run_trl, "hf": run_hf}[system]
     result = runner(spec, examples, out_dir)
     out_path.write_text(json.dumps(result))
 

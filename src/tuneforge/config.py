@@ -40,6 +40,7 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (tuneforge.model.compile)
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
     lora: Optional[LoraConfig] = None

@@ -94,6 +94,10 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         model = apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
+    if cfg.model.compile:  # each decoder block, once; wrappers stay outside (tuneforge.model.compile)
+        from tuneforge.model.compile import compile_decoder_layers
+
+        log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use")
     trainable, total_params = trainable_parameter_count(model)
     trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)
     optimizer = build_optimizer(trainer, tc)
