@@ -9,6 +9,9 @@ from __future__ import annotations
 import difflib
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a run stopped on SIGTERM/SIGUSR1 after saving a checkpoint; --resume continues
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line by the CLI."""
 

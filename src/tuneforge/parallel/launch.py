@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -313,19 +314,50 @@ def torchrun_command(plan: SpawnPlan, argv: Sequence[str], target: Sequence[str]
     return [sys.executable, "-m", "torch.distributed.run", *plan.torchrun_args(), *target, *argv]
 
 
+PREEMPT_MARKER_ENV = "TUNEFORGE_PREEMPT_MARKER"  # rank 0 touches this file after saving on a stop signal
+
+
 def relaunch_with_torchrun(plan: SpawnPlan, argv: Sequence[str], *, target: Sequence[str] = DEFAULT_TARGET,
                            environ: Mapping[str, str] | None = None) -> int:
     """Run `target argv` under torchrun as planned and return its exit status.
 
     NPROC_PER_NODE is removed from the children's environment so they do not relaunch
-    again. SIGINT and SIGTERM are forwarded to torchrun, which stops its workers.
+    again. SIGINT is forwarded to torchrun, which stops its workers. SIGTERM and SIGUSR1
+    (preemption) go to the workers themselves: they finish the step, save a checkpoint and
+    exit, however long that takes (torchrun, signalled itself, would SIGKILL them after 30 s).
+    torchrun then reports the workers' non-zero exit as a failure; when rank 0 confirmed
+    its save (the marker file of `PREEMPT_MARKER_ENV`) the status is `PREEMPTED_EXIT`,
+    as for a single process.
     """
+    from tuneforge.errors import PREEMPTED_EXIT
+
     child_env = dict(os.environ if environ is None else environ)
     child_env.pop("NPROC_PER_NODE", None)
-    proc = subprocess.Popen(torchrun_command(plan, argv, target), env=child_env)
-    with _forward_signals(proc):
-        code = proc.wait()
+    with tempfile.TemporaryDirectory(prefix="tuneforge-relaunch-") as tmp:
+        marker = os.path.join(tmp, "preempted")
+        child_env[PREEMPT_MARKER_ENV] = marker
+        proc = subprocess.Popen(torchrun_command(plan, argv, target), env=child_env)
+        with _forward_signals(proc):
+            code = proc.wait()
+        if os.path.exists(marker):
+            return PREEMPTED_EXIT
     return code if code >= 0 else 128 - code  # killed by signal N -> 128+N, like a shell
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of `pid` (torchrun's workers), from /proc; [] elsewhere."""
+    children = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
 
 
 @contextlib.contextmanager
@@ -335,10 +367,17 @@ def _forward_signals(proc: subprocess.Popen) -> Iterator[None]:
         return
 
     def forward(signum, frame):
-        if proc.poll() is None and not _tty_delivers_to_child(signum):
-            proc.send_signal(signum)
+        if proc.poll() is not None or _tty_delivers_to_child(signum):
+            return
+        workers = child_pids(proc.pid) if signum != signal.SIGINT else []
+        for pid in workers:  # a stop request: the workers save and exit by themselves
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not workers:
+            proc.send_signal(signal.SIGTERM if signum != signal.SIGINT else signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
+    previous = {sig: signal.signal(sig, forward) for sig in stops}
     try:
         yield
     finally:

@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config import dump_config
-from tuneforge.errors import UserError
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request after saving; --resume continues
+from tuneforge.errors import PREEMPTED_EXIT, UserError  # PREEMPTED_EXIT: the exit code after a stop signal
 
 
 class TrainingError(UserError):

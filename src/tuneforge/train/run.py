@@ -144,6 +144,8 @@ def run_train(cfg, args) -> int:
             raise UserError("cannot relaunch: the command line is unknown", hint="start with torchrun instead")
         return relaunch_with_torchrun(plan, argv)
 
+    from tuneforge.errors import PREEMPTED_EXIT
+    from tuneforge.parallel.launch import PREEMPT_MARKER_ENV
     from tuneforge.quiet import quiet_libraries  # torch and transformers: not in a relaunching parent
     from tuneforge.train.loop import train
 
@@ -174,7 +176,11 @@ def run_train(cfg, args) -> int:
         elif cfg.parallel.strategy in ("ddp", "fsdp"):
             log(f"note: parallel.strategy {cfg.parallel.strategy} with one process: training as a single process")
         try:
-            return train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)
+            code = train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)
+            marker = os.environ.get(PREEMPT_MARKER_ENV)
+            if code == PREEMPTED_EXIT and ctx.is_main and marker:  # tell a NPROC_PER_NODE parent: saved
+                Path(marker).touch()
+            return code
         except RuntimeError as exc:  # a collective failed: name the rank that died or hangs
             lost = dist_ctx.lost_peer_error(exc)
             if lost is None:

@@ -1,0 +1,53 @@
+"""Preemption of a `NPROC_PER_NODE=2 tuneforge train` job: SIGTERM to the launching command
+reaches the ranks, they save a checkpoint and stop, the command exits with PREEMPTED_EXIT
+(as a single process does), and `--resume` finishes the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import alpaca_records, build_tokenizer, make_tiny_model, write_config, write_jsonl
+from tuneforge.errors import PREEMPTED_EXIT
+from tuneforge.train.checkpoint import latest_checkpoint
+
+CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
+                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
+
+
+def test_sigterm_to_nproc_job_saves_exits_75_and_resumes(tmp_path):
+    tokenizer = build_tokenizer()
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer)
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(400))
+    steps = 120
+    cfg = write_config(tmp_path / "c.yaml", model_dir, [{"path": "d.jsonl", "format": "alpaca"}],
+                       train={"max_steps": steps, "save_every": 0, "log_every": 1}, parallel={"strategy": "ddp"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
+    env.update(NPROC_PER_NODE="2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "tuneforge", "train", str(cfg)]
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.time() < deadline and job.poll() is None, "the job did not start training"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        out, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == PREEMPTED_EXIT, out[-2000:]
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert saved is not None and 3 <= int(saved.name.split("_")[1]) < steps
+    assert "saved checkpoint at step" in out
+
+    resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+    assert (tmp_path / "run" / "final").is_dir()
