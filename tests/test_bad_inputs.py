@@ -188,3 +188,21 @@ def test_resume_and_work_dir_mistakes(capsys, tmp_path, model_dir):
     expect(capsys, "already holds a run", "train", cfg)
     expect(capsys, r"--resume: model.lora was None .*now", "train", cfg, "--resume", "model.lora.r=4")
     expect(capsys, "is not a complete checkpoint", "train", cfg, "--resume", tmp_path / "run" / "checkpoints")
+
+
+def test_parallel_mesh_mistakes(capsys, tmp_path, model_dir, monkeypatch):
+    """sp x tp not dividing the world size, and SP beyond the model's heads: one line each,
+    before any rank starts (NPROC_PER_NODE=8 is checked in this process, nothing is launched)."""
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    cfg = config(tmp_path, model_dir)
+    expect(capsys, r"parallel.sequence_parallel \(2\) x parallel.tensor_parallel \(1\) = 2 does not divide "
+                   r"the world size 1", "train", cfg, "parallel.sequence_parallel=2")
+    monkeypatch.setenv("NPROC_PER_NODE", "8")
+    expect(capsys, r"parallel.sequence_parallel 8 is larger than the head count allows: the model has 4 attention "
+                   r"heads", "train", cfg, "parallel.sequence_parallel=8")
+    expect(capsys, r"parallel.tensor_parallel 4 does not divide the model's 4 attention heads and 2 key/value heads",
+           "train", cfg, "parallel.tensor_parallel=4")
+    expect(capsys, "world size 8", "train", cfg, "parallel.tensor_parallel=3")
+    expect(capsys, r"tensor_parallel > 1 does not work with LoRA", "train", cfg, "parallel.tensor_parallel=2",
+           "model.lora.r=4")
+    assert nothing_written(tmp_path)

@@ -1,6 +1,7 @@
 """The memory planner: the ZeRO paper's anchors, component scaling, and the recommendation."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,7 @@ def test_every_shipped_recipe_validates_and_plans(capsys):
     from tuneforge.config import load_config
     from tuneforge.plan import run_plan
     from tuneforge.recipes import recipe_names, recipe_path
+    from tuneforge.train.run import deepspeed_context, resolve_strategy
 
     names = recipe_names()
     assert len(names) >= 7
@@ -65,6 +67,14 @@ def test_every_shipped_recipe_validates_and_plans(capsys):
         assert run_plan(cfg, gpus=8, gpu_memory=80, as_json=True) == 0
         report = json.loads(capsys.readouterr().out)
         assert report["per_device_gb"]["total"] > 0, name
+        # the launch its header gives is accepted: strategy, mesh and DeepSpeed checks that run before any rank starts
+        nproc = int(re.search(r"NPROC_PER_NODE=(\d+)", text).group(1)) if "NPROC_PER_NODE=" in text else 1
+        nnodes = int(re.search(r"NNODES=(\d+)", text).group(1)) if "NNODES=" in text else 1
+        deepspeed = re.search(r"--deepspeed (\w+)", text)
+        deepspeed = deepspeed.group(1) if deepspeed else None
+        strategy = resolve_strategy(cfg.parallel, nproc * nnodes, deepspeed)
+        if strategy == "deepspeed":
+            deepspeed_context(cfg, None, deepspeed)
 
 
 def test_list_and_copy_configs(tmp_path, capsys):

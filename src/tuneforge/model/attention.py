@@ -8,7 +8,8 @@ Owns
 - its registration as "tuneforge_varlen" in transformers' `AttentionInterface`, next to a
   mask function that builds no dense mask (`register_varlen_attention`);
 - the mapping from the config's `attn_implementation` to the model's (`resolve_attn_implementation`);
-- the translation of a packed batch into model kwargs (`model_inputs`).
+- the translation of a packed batch into model kwargs (`model_inputs`; a sequence-parallel
+  shard's `UlyssesGroup` rides along to `tuneforge.parallel.sequence_parallel`'s attention).
 
 Spans are over the B*T tokens flattened row-major, as in the data pipeline's `cu_seqlens`.
 """
@@ -186,7 +187,7 @@ def model_inputs(batch: Mapping) -> dict:
     """The kwargs for `model(...)` / `model.model(...)` from a packed batch."""
     cu = batch["cu_seqlens"]
     max_len = int(batch["max_seqlen"])
-    return {
+    inputs = {
         "input_ids": batch["input_ids"],
         "position_ids": batch["position_ids"],
         "attention_mask": None,
@@ -196,3 +197,6 @@ def model_inputs(batch: Mapping) -> dict:
         "max_length_q": max_len,
         "max_length_k": max_len,
     }
+    if batch.get("sequence_parallel") is not None:  # a row shard: transformers hands this on to the attention
+        inputs["sequence_parallel"] = batch["sequence_parallel"]
+    return inputs

@@ -2,9 +2,10 @@
 
 Owns: `save_hf_folder` (a full model or a PEFT adapter folder, safetensors only), merging a
 LoRA adapter into its base (`merge_adapter`), exporting a training checkpoint's `model/`
-(`export_checkpoint`), casting a saved folder's weights to another dtype, and `atomic_dir`:
-every output is written to a temp folder beside its target and renamed into place, so a crash
-never leaves a half-written model where a complete one is expected.
+(`export_checkpoint`; FSDP and DeepSpeed checkpoints are consolidated by their modules),
+casting a saved folder's weights to another dtype, and `atomic_dir`: every output is written
+to a temp folder beside its target and renamed into place, so a crash never leaves a
+half-written model where a complete one is expected.
 """
 
 from __future__ import annotations
@@ -140,6 +141,10 @@ def export_checkpoint(
         from tuneforge.parallel.fsdp import export_sharded  # an FSDP checkpoint: consolidate its shards
 
         return export_sharded(ckpt_dir, out_dir, dtype=None if dtype is None else resolve_dtype(dtype))
+    if not any(model_dir.glob("*.safetensors")) and (Path(ckpt_dir) / "deepspeed").is_dir():
+        from tuneforge.parallel.deepspeed_engine import export_checkpoint as export_deepspeed  # merge ZeRO partitions
+
+        return export_deepspeed(ckpt_dir, out_dir, dtype=None if dtype is None else resolve_dtype(dtype))
     if not any(model_dir.glob("*.safetensors")):
         raise UserError(f"{model_dir} holds no *.safetensors weights", hint="is this a tuneforge checkpoint?")
     if dtype is not None:

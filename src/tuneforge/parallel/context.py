@@ -5,6 +5,10 @@ offers the same methods (reductions, barriers, model wrapping, gradient clipping
 process group, so the loop is the same code for one process and for many. Besides the
 methods, a context says where to load the model (`load_device`) and whether the wrapped
 model's parameters are sharded over ranks (`sharded`: checkpoints then go through DCP).
+
+The loop's step seams (`prepare`, `backward`, `optimizer_step`, `owns_precision`) are trivial
+here and in `DistributedContext`; they exist for `tuneforge.parallel.deepspeed_engine.
+DeepSpeedContext`, whose engine needs the optimizer at start and owns backward and the step.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class LocalContext:
     dp_rank = 0
     dp_size = 1
     sharded = False
+    owns_precision = False  # True where an engine (DeepSpeed) casts the model: no autocast, no GradScaler
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or default_device()
@@ -49,6 +54,17 @@ class LocalContext:
 
     def no_sync(self, model, last: bool):
         return contextlib.nullcontext()
+
+    def prepare(self, trainer, optimizer):
+        """(training module, optimizer) as the loop uses them; an engine may wrap both."""
+        return trainer, optimizer
+
+    def backward(self, model, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer, scaler) -> None:
+        scaler.step(optimizer)
+        scaler.update()
 
     def clip_grad_norm(self, model, max_norm: float) -> torch.Tensor:
         params = [p for p in model.parameters() if p.grad is not None]

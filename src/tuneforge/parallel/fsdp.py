@@ -6,7 +6,10 @@ Owns
   forward). `zero: 3` reshards parameters after forward (FULL_SHARD), `zero: 2` keeps them
   gathered until backward (SHARD_GRAD_OP). `offload` keeps the shards, gradients and optimizer
   step on the CPU (`pin_memory` only where CUDA exists). A `param_dtype` (GPU only) computes in
-  that dtype and reduces gradients in fp32.
+  that dtype and reduces gradients in fp32. Under tensor parallel the decoder layers hold
+  DTensors on the tp mesh already and `mesh` is the flattened dp x sp mesh, so FSDP2 makes 2-D
+  shards; under sequence parallel `gradient_divide_factor` (dp) sums the sp ranks' gradients
+  and averages over replicas only (with sum-only collectives, which gloo and NCCL both have).
 - `decoder_layers`: the `ModuleList` of a causal LM's decoder layers, PEFT-wrapped or not.
 - `save_sharded` / `load_sharded`: model (trainable parameters only for LoRA) and optimizer
   state through torch.distributed.checkpoint (DCP); every rank writes its own shards, and a
@@ -49,7 +52,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def apply_fsdp(root: nn.Module, mesh, *, zero: int = 3, offload: bool = False,
-               param_dtype: torch.dtype | None = None) -> nn.Module:
+               param_dtype: torch.dtype | None = None, gradient_divide_factor: float | None = None) -> nn.Module:
     """Shard `root` (a CausalLMLoss) in place with FSDP2 and return it."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -58,9 +61,14 @@ def apply_fsdp(root: nn.Module, mesh, *, zero: int = 3, offload: bool = False,
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     if param_dtype is not None and param_dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(root.model):
+    layers = list(decoder_layers(root.model))
+    for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)
+    if gradient_divide_factor is not None:
+        for module in (*layers, root):
+            module.set_gradient_divide_factor(float(gradient_divide_factor))
+            module.set_force_sum_reduction_for_comms(True)  # no PREMUL_SUM (NCCL only): sum, then divide
     return root
 
 

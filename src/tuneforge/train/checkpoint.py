@@ -11,7 +11,10 @@ weights and optimizer state). Under FSDP (format "dcp") every rank writes its sh
 model (trainable parameters only for LoRA) and optimizer to `dcp/` through
 torch.distributed.checkpoint; `model/` then holds the config (and, for LoRA, the gathered
 adapter) and `optimizer.pt` is absent. `tuneforge export` consolidates `dcp/` into a plain
-Hugging Face folder. Several nodes need `train.work_dir` on a filesystem they all share.
+Hugging Face folder. Under DeepSpeed (format "deepspeed") every rank writes DeepSpeed's own
+checkpoint files (module, ZeRO partitions, optimizer state) to `deepspeed/state/`; `model/` is
+as under FSDP, and `state.json` adds the `zero_stage`. Several nodes need `train.work_dir` on a
+filesystem they all share.
 
 A checkpoint is written under a hidden temporary name, flushed, and renamed into place by
 rank 0 only when every rank has finished writing, so a crash at any moment leaves either the
@@ -118,25 +121,32 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
             shutil.rmtree(tmp)
         tmp.mkdir()
     ctx.barrier()
+    fmt = _format(ctx)
     try:
-        if ctx.sharded:
+        if fmt == "deepspeed":
+            from tuneforge.parallel import deepspeed_engine
+
+            deepspeed_engine.save_engine_state(tmp / deepspeed_engine.ENGINE_DIR, trainer, frozen_excluded=_is_peft(model))
+            adapter = deepspeed_engine.full_model_state(model, trainable_only=True) if _is_peft(model) else None
+            state = {**state, "zero_stage": ctx.stage}
+        elif ctx.sharded:
             from tuneforge.parallel import fsdp
 
             fsdp.save_sharded(tmp / "dcp", trainer, optimizer)  # every rank writes its shards
             adapter = fsdp.full_model_state(trainer) if _is_peft(model) else None
         if ctx.is_main:
-            if not ctx.sharded:
+            if fmt == "hf":
                 model.save_pretrained(tmp / "model", safe_serialization=True)
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             elif adapter is not None:
                 model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=adapter)
-            else:  # the weights are in dcp/; export consolidates them with this config
+            else:  # the weights are in dcp/ (deepspeed/); export consolidates them with this config
                 _save_model_config(model, tmp / "model")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rngs, tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({**state, "format": "dcp" if ctx.sharded else "hf"}, indent=1))
+            (tmp / "state.json").write_text(json.dumps({**state, "format": fmt}, indent=1))
             write_manifest(tmp)
             _fsync_tree(tmp)
             if final.exists():  # an older run's step with the same number: replace it whole
@@ -152,6 +162,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     if ctx.is_main:
         prune(root, keep_last)
     return final
+
+
+def _format(ctx) -> str:
+    """The checkpoint format of a run context: "hf", "dcp" (FSDP) or "deepspeed"."""
+    return getattr(ctx, "checkpoint_format", "dcp" if ctx.sharded else "hf")
 
 
 def _is_peft(model) -> bool:
@@ -171,10 +186,15 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None)
     from tuneforge.model.export import atomic_dir, save_hf_folder
 
     ctx = ctx or LocalContext()
-    if ctx.sharded:
-        from tuneforge.parallel import fsdp
+    if _format(ctx) != "hf":
+        if _format(ctx) == "deepspeed":  # the fp32 master weights of every ZeRO stage
+            from tuneforge.parallel.deepspeed_engine import full_model_state
 
-        weights = fsdp.full_model_state(trainer)
+            weights = full_model_state(model, trainable_only=_is_peft(model))
+        else:
+            from tuneforge.parallel import fsdp
+
+            weights = fsdp.full_model_state(trainer)
         if ctx.is_main:
             with atomic_dir(out_dir) as tmp:
                 model.save_pretrained(str(tmp), state_dict=weights)
@@ -249,21 +269,26 @@ def read_state(folder: Path) -> dict:
 def load_checkpoint(folder: Path, model, optimizer, scheduler, *, trainer=None, ctx=None) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the saved `state` dict.
 
-    Collective under FSDP. Refuses, before loading anything, a checkpoint of another format
-    or another number of data-parallel ranks.
+    Collective under FSDP and DeepSpeed. Refuses, before loading anything, a checkpoint of
+    another format (or ZeRO stage) or another number of data-parallel ranks.
     """
     ctx = ctx or LocalContext()
     state = read_state(folder)
     if state["world_size"] != ctx.dp_size:
         raise UserError(f"checkpoint {folder} was written by {state['world_size']} data-parallel ranks, "
                         f"this run has {ctx.dp_size}", hint="resume with the same number of processes")
-    fmt, want = state.get("format", "hf"), "dcp" if ctx.sharded else "hf"
+    fmt, want = state.get("format", "hf"), _format(ctx)
     if fmt != want:
-        written = "FSDP (sharded)" if fmt == "dcp" else "one process or DDP"
-        raise UserError(f"checkpoint {folder} was written by {written}; this run uses "
-                        f"{'FSDP' if ctx.sharded else 'one process or DDP'}",
+        names = {"dcp": "FSDP (sharded)", "hf": "one process or DDP", "deepspeed": "DeepSpeed"}
+        raise UserError(f"checkpoint {folder} was written by {names.get(fmt, fmt)}; this run uses "
+                        f"{names.get(want, want).removesuffix(' (sharded)')}",
                         hint="resume with the parallel.strategy the run started with")
-    if ctx.sharded:
+    if fmt == "deepspeed":
+        from tuneforge.parallel import deepspeed_engine
+
+        deepspeed_engine.check_resume(state, ctx, folder)
+        deepspeed_engine.load_engine_state(folder / deepspeed_engine.ENGINE_DIR, trainer, frozen_excluded=_is_peft(model))
+    elif ctx.sharded:
         from tuneforge.parallel import fsdp
 
         fsdp.load_sharded(folder / "dcp", trainer, optimizer)

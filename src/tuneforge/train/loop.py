@@ -7,9 +7,13 @@ and divides by the step's total loss-token count (token-exact: accumulation k x 
 equals one micro-batch of k*m). It logs metrics, evaluates, checkpoints atomically, handles
 SIGTERM/SIGUSR1 (save, then exit with `PREEMPTED_EXIT`), and writes `final/` at the end.
 
-Every rank of a DDP/FSDP job runs this same function: `ctx` (a `LocalContext` or a
-`DistributedContext`) wraps the model, reduces counts over ranks and hands each rank its
-rows, so N ranks with micro-batch m equal one process with micro-batch m*N.
+Every rank of a DDP/FSDP/DeepSpeed job runs this same function: `ctx` (a `LocalContext`, a
+`DistributedContext` or a `DeepSpeedContext`) wraps the model, reduces counts over ranks and
+hands each rank its rows, so N ranks with micro-batch m equal one process with micro-batch m*N.
+Under sequence/tensor parallel (a dp x sp x tp mesh) "ranks" here are data-parallel replicas:
+the sp x tp ranks of one replica get the same rows, and the wrapped module splits the work.
+DeepSpeed's engine needs the optimizer at start and owns backward, clipping and the update:
+`ctx.prepare`, `ctx.backward` and `ctx.optimizer_step` are those seams (plain torch elsewhere).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
 
     # ---- model: mixed precision on GPU only; fp32 on CPU
-    use_amp = device.type == "cuda" and cfg.model.dtype != "float32"
+    use_amp = device.type == "cuda" and cfg.model.dtype != "float32" and not ctx.owns_precision  # DeepSpeed casts itself
     amp_dtype = getattr(torch, cfg.model.dtype)
     load_dtype = cfg.model.dtype if (device.type == "cuda" and cfg.model.lora) else "float32"
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
@@ -97,9 +101,11 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
         log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use")
     trainable, total_params = trainable_parameter_count(model)
+    shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
     trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)
     optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
+    trainer, optimizer = ctx.prepare(trainer, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
 
     # ---- resume: model, optimizer, schedule, RNG and sampler position
@@ -115,7 +121,6 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         log(f"resumed from {folder} at step {step}")
 
     metrics = MetricsLog(work_dir, enabled=ctx.is_main, resume_step=step if resume is not None else None)
-    shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)
     peak = peak_flops(device)
     if ctx.is_main:
         (work_dir / "config.yaml").write_text(dump_config(cfg))
@@ -143,7 +148,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         step_loss_tokens = ctx.all_reduce_sum(sum(b["num_loss_tokens"] for b in micro_batches))
         step_tokens = ctx.all_reduce_sum(rank_tokens)
         # 3. forward/backward each micro-batch; gradients add up to the exact mean. DDP/FSDP
-        #    average gradients over ranks, hence the factor dp_size; they reduce only after
+        #    average gradients over data-parallel replicas, hence the factor dp_size (the
+        #    sequence-parallel ranks of a replica add theirs up); they reduce only after
         #    the last micro-batch's backward (no_sync).
         loss_sum = torch.zeros((), device=device)
         forward_timer.reset()
@@ -152,7 +158,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             with ctx.no_sync(trainer, last=index == len(micro_batches) - 1):
                 with forward_timer, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     part = trainer(batch)
-                scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))).backward()
+                ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))))
             loss_sum += part.detach()
         # 4. clip, check, step
         scaler.unscale_(optimizer)
@@ -169,8 +175,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             step += 1
             continue
         lr = scheduler.get_last_lr()[0]
-        scaler.step(optimizer)
-        scaler.update()
+        ctx.optimizer_step(optimizer, scaler)  # DeepSpeed already clipped and stepped in its last backward
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -203,8 +208,10 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         stopping = ctx.all_reduce_sum(int(stop.signal is not None)) > 0  # every rank stops at the same step
         should_save = (tc.save_every and step % tc.save_every == 0) or stopping
         if should_save and step < total_steps:
+            # one sampler state per data-parallel replica: ranks are numbered replica by replica
+            samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
-                     "sampler": ctx.all_gather_object(sampler.state_dict()), "model_path": cfg.model.path}
+                     "sampler": samplers, "model_path": cfg.model.path}
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last,
                                  trainer=trainer, ctx=ctx)  # every rank takes part
         if stopping:

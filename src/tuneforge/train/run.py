@@ -12,9 +12,15 @@ Strategy (`parallel.strategy`), decided by `resolve_strategy`:
   3 is FULL_SHARD: parameters, gradients and optimizer state sharded, the most memory saved;
   2 keeps parameters gathered between forward and backward), `ddp` when it is 1 (FSDP has no
   optimizer-state-only sharding; DDP replicates everything and is the fastest for models that
-  fit). `--deepspeed NAME` selects DeepSpeed.
+  fit). `--deepspeed NAME` selects DeepSpeed (`tuneforge.parallel.deepspeed_engine`).
 - `single`, `ddp`, `fsdp`, `deepspeed`: as named; `ddp`/`fsdp` with one process run `single`.
   `parallel.offload` (FSDP) keeps shards and the optimizer step on the CPU.
+- `deepspeed`: ZeRO from the --deepspeed NAME|FILE.json, else from `parallel.zero` and
+  `parallel.offload` (`zero3_offload`, ...). One process without a launcher still gets a
+  process group (of one rank), which DeepSpeed needs.
+- `parallel.sequence_parallel` / `parallel.tensor_parallel` > 1: a dp x sp x tp mesh
+  (`tuneforge.parallel.mesh`) under FSDP; sp x tp must divide the world size (checked here,
+  before any rank starts).
 
 Owns the work-dir rules: a dir that already holds a run is refused unless `--resume`
 (continue it, with a compatible config) or `--force` (start over, clearing its
@@ -31,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import UserError
+from tuneforge.parallel.mesh import check_model_for_mesh
 
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "tensorboard")
 
@@ -72,9 +79,13 @@ def resolve_strategy(parallel, world_size: int, deepspeed: str | None = None) ->
         return "deepspeed"
     if requested == "deepspeed":
         return "deepspeed"
-    if parallel.tensor_parallel > 1 or parallel.sequence_parallel > 1:
-        raise UserError("parallel.tensor_parallel and parallel.sequence_parallel > 1 are not available yet",
-                        hint="set them to 1 (data parallel only)")
+    if parallel.tensor_parallel > 1 or parallel.sequence_parallel > 1:  # a dp x sp x tp mesh under FSDP
+        from tuneforge.parallel.mesh import mesh_shape
+
+        mesh_shape(world_size, parallel.sequence_parallel, parallel.tensor_parallel)  # sp x tp must divide the world
+        if requested == "ddp" or (requested == "auto" and parallel.zero == 1):
+            raise UserError("parallel.sequence_parallel and parallel.tensor_parallel > 1 need FSDP",
+                            hint="use parallel.strategy: fsdp with parallel.zero 2 or 3")
     if requested == "fsdp" and parallel.zero == 1:
         raise UserError("FSDP shards gradients and parameters: parallel.zero must be 2 or 3 with strategy fsdp",
                         hint="use parallel.strategy: ddp, or DeepSpeed (--deepspeed zero1) for optimizer-state sharding")
@@ -92,8 +103,9 @@ def deepspeed_context(cfg, dist_ctx, deepspeed: str | None):
     """Hook for DeepSpeed: a context offering LocalContext's methods over a DeepSpeed engine
     (`deepspeed` is the --deepspeed NAME|FILE.json, None for `parallel.strategy: deepspeed`).
     Called with dist_ctx=None before a NPROC_PER_NODE relaunch, to fail before starting ranks."""
-    raise UserError("DeepSpeed support is not available yet",
-                    hint="use parallel.strategy: fsdp (parallel.zero: 2 or 3, parallel.offload) instead")
+    from tuneforge.parallel.deepspeed_engine import deepspeed_context as build
+
+    return build(cfg, dist_ctx, deepspeed)
 
 
 def build_context(cfg, dist_ctx, strategy: str, deepspeed: str | None = None):
@@ -117,7 +129,8 @@ def build_context(cfg, dist_ctx, strategy: str, deepspeed: str | None = None):
                             hint="use model.dtype: bfloat16")
     param_dtype = getattr(torch, cfg.model.dtype) if on_gpu and cfg.model.dtype != "float32" else None
     return DistributedContext(dist_ctx, strategy, zero=cfg.parallel.zero, offload=cfg.parallel.offload,
-                              param_dtype=param_dtype)
+                              param_dtype=param_dtype, sequence_parallel=cfg.parallel.sequence_parallel,
+                              tensor_parallel=cfg.parallel.tensor_parallel)
 
 
 def run_train(cfg, args) -> int:
@@ -135,6 +148,7 @@ def run_train(cfg, args) -> int:
         # config errors once, here, rather than from every rank
         if resolve_strategy(cfg.parallel, plan.nproc_per_node * plan.nnodes, deepspeed) == "deepspeed":
             deepspeed_context(cfg, None, deepspeed)
+        check_model_for_mesh(cfg.model, cfg.parallel)  # heads vs sequence/tensor parallel
         if plan.node_rank == 0:
             prepare_work_dir(cfg, work_dir, args.resume, args.force)
         if plan.note:
@@ -151,6 +165,13 @@ def run_train(cfg, args) -> int:
 
     env = launch_env(getattr(args, "launcher", None), os.environ)
     strategy = resolve_strategy(cfg.parallel, env.world_size, deepspeed)
+    check_model_for_mesh(cfg.model, cfg.parallel)
+    if strategy == "deepspeed":
+        deepspeed_context(cfg, None, deepspeed)  # fail before joining a process group
+        if env.launcher == "none":  # DeepSpeed needs a process group, even of one rank
+            from tuneforge.parallel.launch import LaunchEnv, free_port
+
+            env = LaunchEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "pytorch")
     quiet_libraries()
     with init_distributed(env, timeout_s=cfg.parallel.timeout_s) as dist_ctx:
         ctx = build_context(cfg, dist_ctx, strategy, deepspeed)
@@ -168,9 +189,13 @@ def run_train(cfg, args) -> int:
         if verdict is not None:
             return UserError.code  # rank 0 reports it
         log = (lambda m: print(m, file=sys.stderr)) if ctx.is_main else (lambda m: None)
-        if env.world_size > 1:
+        if env.world_size > 1 or strategy == "deepspeed":
             detail = f" (zero {ctx.zero}, offload {'on' if ctx.offload else 'off'})" if strategy == "fsdp" else ""
-            log(f"{strategy}{detail} on {env.world_size} ranks, {dist_ctx.backend} on {dist_ctx.device.type}")
+            if strategy == "deepspeed":
+                detail = f" {ctx.name} (ZeRO-{ctx.stage}, offload {'on' if ctx.offload else 'off'})"
+            if getattr(ctx, "multi_dim", False):
+                detail += f", mesh {ctx.shape}"
+            log(f"{strategy}{detail} on {env.world_size} rank{'s' if env.world_size > 1 else ''}, {dist_ctx.backend} on {dist_ctx.device.type}")
             if strategy == "fsdp" and cfg.train.eval_prompts:
                 log("note: train.eval_prompts are not generated under FSDP (eval loss still is)")
         elif cfg.parallel.strategy in ("ddp", "fsdp"):
