@@ -65,13 +65,13 @@ def alpaca_records(n: int, seed: int = 0):
              "output": " ".join(rng.choices(words, k=rng.randint(1, 15)))} for _ in range(n)]
 
 
-def make_tiny_model(path, tokenizer, seed=0, tie=False):
+def make_tiny_model(path, tokenizer, seed=0, tie=False, kv_heads=2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                      num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=256,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie)
     LlamaForCausalLM(cfg).save_pretrained(path)

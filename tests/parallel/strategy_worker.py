@@ -1,8 +1,9 @@
-"""Run by test_strategies.py under torchrun: several trainings, one after another, in one
+"""Run by the multi-process tests under torchrun: several trainings, one after another, in one
 process group (each launch costs seconds of imports and rendezvous; a tiny training far less).
 
-Usage: torchrun ... strategy_worker.py CONFIG.yaml [CONFIG.yaml ...]. Each config's strategy is
-chosen as `tuneforge train` chooses it (`resolve_strategy` + `build_context`).
+Usage: torchrun ... strategy_worker.py SPEC [SPEC ...], a SPEC being CONFIG.yaml or
+CONFIG.yaml=DEEPSPEED (what `--deepspeed DEEPSPEED` takes). Each strategy is chosen as
+`tuneforge train` chooses it (`resolve_strategy` + `build_context`).
 """
 
 import os
@@ -16,13 +17,15 @@ from tuneforge.train.loop import train
 from tuneforge.train.run import build_context, resolve_strategy
 
 
-def main(configs: list[str]) -> int:
+def main(specs: list[str]) -> int:
     env = launch_env("pytorch", os.environ)
     with init_distributed(env, timeout_s=120) as dist_ctx:
-        for config in configs:
+        for spec in specs:
+            config, _, deepspeed = spec.partition("=")
             started = time.time()
             cfg = load_config(config, [])
-            ctx = build_context(cfg, dist_ctx, resolve_strategy(cfg.parallel, env.world_size))
+            strategy = resolve_strategy(cfg.parallel, env.world_size, deepspeed or None)
+            ctx = build_context(cfg, dist_ctx, strategy, deepspeed or None)
             work_dir = Path(cfg.train.work_dir)
             work_dir.mkdir(parents=True, exist_ok=True)
             code = train(cfg, work_dir=work_dir, ctx=ctx, log=lambda message: None)

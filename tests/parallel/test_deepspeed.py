@@ -9,17 +9,15 @@ with `parallel.zero`/`offload`. A resumed ZeRO-3 run (through the CLI, NPROC_PER
 the uninterrupted one bit for bit, a ZeRO-3 checkpoint must export to a folder plain transformers
 loads, a resume on another number of ranks and a missing DeepSpeed must fail in one line.
 
-Launches are few: one torchrun launch (`deepspeed_worker.py`) trains all eight variants in one
+Launches are few: one torchrun launch (`strategy_worker.py`) trains all eight variants in one
 process group, then one CLI launch resumes. Under pytest-xdist the shared runs are built once per
 session (a file lock) and only read by the tests.
 """
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,13 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from safetensors.torch import load_file
-
 from helpers import alpaca_records, build_tokenizer, losses, make_tiny_model, write_config, write_jsonl
+from jobs import assert_close_weights, check, child_env, metric_rows, one_thread, shared_runs, torchrun, weights
 from tuneforge.cli import main
-from tuneforge.parallel.launch import free_port
 
-WORKER = Path(__file__).with_name("deepspeed_worker.py")
 MAX_GRAD_NORM = 0.1  # below every step's gradient norm (full and LoRA): clipping is always active
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 USER_JSON = {"zero_optimization": {"stage": 2, "overlap_comm": False}, "train_micro_batch_size_per_gpu": "auto",
@@ -52,37 +47,6 @@ VARIANTS = {
 }
 has_deepspeed = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not has_deepspeed, reason="deepspeed is not installed (optional extra)")
-CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
-                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
-
-
-def child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    return env
-
-
-def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-def weights(folder: Path) -> dict:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def metric_rows(run: Path, kind: str = "loss") -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if kind in row]
-
-
-def assert_close_weights(got: dict, want: dict, rel: float = 1e-4) -> None:
-    assert got.keys() == want.keys()
-    for key in want:
-        err = float((got[key] - want[key]).norm() / want[key].norm())
-        assert err <= rel, (key, err)
 
 
 def _build(root: Path) -> None:
@@ -100,44 +64,21 @@ def _build(root: Path) -> None:
         sections["data"] = {"max_length": 96, "eval_split": 0.1}  # 6 samples held out
         return write_config(root / f"{name}.yaml", model, [{"path": str(data), "format": "alpaca"}], **sections)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the ranks (OMP_NUM_THREADS=1)
-    try:
+    with one_thread():
         for name, sections in [("single", {}), ("single_lora", {"model": {"lora": LORA}})]:
             assert main(["train", str(config(name, sections, micro=4))]) == 0, name
-    finally:
-        torch.set_num_threads(threads)
     specs = []
     for name, (sections, deepspeed, _) in VARIANTS.items():
         deepspeed = str(root / "user.json") if deepspeed == "USER_JSON" else deepspeed
         specs.append(f"{config(name, sections)}={deepspeed}" if deepspeed else str(config(name, sections)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), *specs]
-    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=400)
-    check(proc)
+    proc = torchrun(specs)
     (root / "worker.log").write_text(proc.stdout + proc.stderr)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """The folder holding every run (built once per test session, also under pytest-xdist)."""
-    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    root = tmp_path_factory.getbasetemp().parent / f"deepspeed-{uid}" if uid else \
-        tmp_path_factory.getbasetemp() / "deepspeed"
-    root.mkdir(exist_ok=True)
-    with open(root.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        failed = root / "FAILED"
-        if failed.exists():
-            pytest.fail(f"building the shared runs failed: {failed.read_text()}")
-        if not (root / "DONE").exists():
-            try:
-                _build(root)
-            except BaseException as exc:
-                failed.write_text(str(exc)[-4000:])
-                raise
-            (root / "DONE").touch()
-    return root
+    return shared_runs(tmp_path_factory, "deepspeed", _build)
 
 
 # --------------------------------------------------------------------------- equivalence

@@ -5,18 +5,15 @@ reaches the ranks, they save a checkpoint and stop, the command exits with PREEM
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 from helpers import alpaca_records, build_tokenizer, make_tiny_model, write_config, write_jsonl
+from jobs import child_env
 from tuneforge.errors import PREEMPTED_EXIT
 from tuneforge.train.checkpoint import latest_checkpoint
-
-CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
-                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
 
 
 def test_sigterm_to_nproc_job_saves_exits_75_and_resumes(tmp_path):
@@ -26,8 +23,7 @@ def test_sigterm_to_nproc_job_saves_exits_75_and_resumes(tmp_path):
     steps = 120
     cfg = write_config(tmp_path / "c.yaml", model_dir, [{"path": "d.jsonl", "format": "alpaca"}],
                        train={"max_steps": steps, "save_every": 0, "log_every": 1}, parallel={"strategy": "ddp"})
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
-    env.update(NPROC_PER_NODE="2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = child_env(NPROC_PER_NODE="2")
     command = [sys.executable, "-m", "tuneforge", "train", str(cfg)]
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"

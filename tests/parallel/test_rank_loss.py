@@ -8,7 +8,6 @@ the rendezvous store tell the survivor who stopped.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,11 +17,9 @@ from pathlib import Path
 import pytest
 
 from helpers import alpaca_records, build_tokenizer, make_tiny_model, write_config, write_jsonl
-from tuneforge.parallel.launch import free_port
+from jobs import child_env
 from tuneforge.parallel.heartbeat import LostPeerError
-
-CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
-                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
+from tuneforge.parallel.launch import free_port
 
 
 def start_job(tmp_path: Path, timeout_s: float) -> tuple[list[subprocess.Popen], Path]:
@@ -35,9 +32,8 @@ def start_job(tmp_path: Path, timeout_s: float) -> tuple[list[subprocess.Popen],
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
-        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODELIST="localhost",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        env = child_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                        SLURM_NODELIST="localhost", MASTER_PORT=port)
         procs.append(subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg), "--launcher", "slurm"],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     metrics = tmp_path / "run" / "metrics.jsonl"

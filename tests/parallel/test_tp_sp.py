@@ -16,9 +16,7 @@ Mesh mistakes are one-line errors, checked without starting ranks.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,13 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import alpaca_records, build_tokenizer, losses, write_config, write_jsonl
+from helpers import alpaca_records, build_tokenizer, losses, make_tiny_model, write_config, write_jsonl
+from jobs import child_env, metric_rows, one_thread, shared_runs, torchrun, weight_errors, weights
 from tuneforge.cli import main
-from tuneforge.parallel.launch import free_port
 
-WORKER = Path(__file__).with_name("strategy_worker.py")
 MAX_GRAD_NORM = 0.1  # below every step's gradient norm: clipping is always active
 # name -> (parallel section, model, single-process reference)
 VARIANTS = {
@@ -40,53 +36,13 @@ VARIANTS = {
     "sp2": ({"strategy": "auto", "sequence_parallel": 2}, "model", "single"),
     "sp2_mqa": ({"strategy": "fsdp", "zero": 2, "sequence_parallel": 2}, "model_mqa", "single_mqa"),
 }
-CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
-                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
-
-
-def child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
-    return env
-
-
-def weights(folder: Path) -> dict:
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def metric_rows(run: Path, kind: str = "loss") -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if kind in row]
-
-
-def weight_errors(got: dict, want: dict) -> dict:
-    assert got.keys() == want.keys()
-    return {key: float((got[key] - want[key]).norm() / want[key].norm()) for key in want}
-
-
-def make_model(path: Path, tokenizer, kv_heads: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, vocab_size=len(tokenizer), max_position_embeddings=256,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 # --------------------------------------------------------------------------- the shared runs
 
 
 def _build(root: Path) -> None:
     tokenizer = build_tokenizer()
-    models = {"model": make_model(root / "model", tokenizer, kv_heads=2),
-              "model_mqa": make_model(root / "model_mqa", tokenizer, kv_heads=1)}
+    models = {"model": make_tiny_model(root / "model", tokenizer, tie=True),
+              "model_mqa": make_tiny_model(root / "model_mqa", tokenizer, tie=True, kv_heads=1)}
     data = write_jsonl(root / "train.jsonl", alpaca_records(64))
     train = {"lr": 1e-3, "warmup_ratio": 0.1, "seed": 3, "max_steps": 4, "micro_batch_size": 2,
              "gradient_accumulation": 2, "max_grad_norm": MAX_GRAD_NORM, "save_every": 2, "keep_last": 2,
@@ -100,39 +56,17 @@ def _build(root: Path) -> None:
         return write_config(root / f"{name}.yaml", models[model], [{"path": str(data), "format": "alpaca"}],
                             **sections)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the ranks (OMP_NUM_THREADS=1)
-    try:
+    with one_thread():
         for name in ("single", "single_mqa"):
             assert main(["train", str(config(name, "model" if name == "single" else "model_mqa"))]) == 0, name
-    finally:
-        torch.set_num_threads(threads)
     configs = [str(config(name, model, parallel)) for name, (parallel, model, _) in VARIANTS.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), *configs]
-    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    torchrun(configs)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """The folder holding every run (built once per test session, also under pytest-xdist)."""
-    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    root = tmp_path_factory.getbasetemp().parent / f"tp-sp-{uid}" if uid else tmp_path_factory.getbasetemp() / "tp-sp"
-    root.mkdir(exist_ok=True)
-    with open(root.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        failed = root / "FAILED"
-        if failed.exists():
-            pytest.fail(f"building the shared runs failed: {failed.read_text()}")
-        if not (root / "DONE").exists():
-            try:
-                _build(root)
-            except BaseException as exc:
-                failed.write_text(str(exc)[-4000:])
-                raise
-            (root / "DONE").touch()
-    return root
+    return shared_runs(tmp_path_factory, "tp-sp", _build)
 
 
 # --------------------------------------------------------------------------- equivalence
@@ -170,10 +104,7 @@ def test_four_ranks_mix_data_sequence_and_tensor_parallel(runs, tmp_path):
                 "train": {**base["train"], "micro_batch_size": micro, "work_dir": str(tmp_path / name), "save_every": 0}}
         configs.append(tmp_path / f"{name}.yaml")
         configs[-1].write_text(yaml.safe_dump(tree, sort_keys=False))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), *map(str, configs)]
-    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    torchrun([str(c) for c in configs], nproc=4)
     want = metric_rows(runs / "single")
     for name in meshes:
         got = metric_rows(tmp_path / name)

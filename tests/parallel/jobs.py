@@ -1,0 +1,101 @@
+"""What the multi-process tests share: a clean environment for child jobs, the torchrun
+command, runs built once per test session (also under pytest-xdist), and the comparisons
+of their metrics and weights against a single process."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuneforge.parallel.launch import free_port
+
+# the launcher variables of the pytest process must not leak into the jobs it starts
+CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
+                  "NPROC_PER_NODE", "NNODES", "NODE_RANK")
+WORKER = Path(__file__).with_name("strategy_worker.py")
+
+
+def child_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CHILD_ENV_DROP)}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 400) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node N <WORKER> args`, checked."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
+    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    check(proc)
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the single-process references like the ranks (OMP_NUM_THREADS=1): 2 threads crawl
+    when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def shared_runs(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder of runs made by `build(root)` once per test session: pytest-xdist workers take
+    a file lock, the first builds, the others read (or fail at once if the build failed)."""
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    root = tmp_path_factory.getbasetemp().parent / f"{name}-{uid}" if uid else tmp_path_factory.getbasetemp() / name
+    root.mkdir(exist_ok=True)
+    with open(root.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        failed = root / "FAILED"
+        if failed.exists():
+            pytest.fail(f"building the shared runs failed: {failed.read_text()}")
+        if not (root / "DONE").exists():
+            try:
+                build(root)
+            except BaseException as exc:
+                failed.write_text(str(exc)[-4000:])
+                raise
+            (root / "DONE").touch()
+    return root
+
+
+def weights(folder: Path) -> dict:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def metric_rows(run: Path, kind: str = "loss") -> list[dict]:
+    """The rows of metrics.jsonl holding `kind`: "loss" (training steps) or "eval_loss"."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if kind in row]
+
+
+def weight_errors(got: dict, want: dict) -> dict:
+    """Relative error per tensor; the two must hold the same keys."""
+    assert got.keys() == want.keys()
+    return {key: float((got[key] - want[key]).norm() / want[key].norm()) for key in want}
+
+
+def assert_close_weights(got: dict, want: dict, rel: float = 1e-4) -> None:
+    for key, err in weight_errors(got, want).items():
+        assert err <= rel, (key, err)
