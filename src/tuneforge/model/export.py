@@ -90,6 +90,21 @@ def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dty
     return Path(out_dir)
 
 
+def save_consolidated(model, state: dict, files_dir: Path, out_dir: str | Path,
+                      dtype: str | torch.dtype | None = None) -> Path:
+    """Save a model gathered from a sharded checkpoint: `state` (tied duplicates left out) as a
+    Hugging Face folder, with the tokenizer and other files saved beside the checkpoint's
+    config (`files_dir`), atomically."""
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), state_dict=state)
+        for extra in Path(files_dir).iterdir():
+            if extra.is_file() and not (tmp / extra.name).exists():
+                shutil.copy2(extra, tmp / extra.name)
+        if dtype is not None:
+            convert_folder_dtype(tmp, dtype)
+    return Path(out_dir)
+
+
 def has_tokenizer(folder: str | Path) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
 

@@ -278,12 +278,11 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> 
     """One process: a plain Hugging Face folder from a DeepSpeed checkpoint (`model/` config +
     `deepspeed/state/` partitions), the fp32 master weights of every rank merged."""
     import io
-    import shutil
     import warnings
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tuneforge.model.export import atomic_dir, convert_folder_dtype
+    from tuneforge.model.export import save_consolidated
 
     require_deepspeed()
     ckpt_dir = Path(ckpt_dir)
@@ -314,12 +313,5 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> 
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     first = {n for n, _ in model.named_parameters()}  # tied duplicates out: loading re-ties them
     state = {k: v for k, v in model.state_dict().items() if k in first or k not in every}
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), state_dict=state)
-        for extra in model_dir.iterdir():  # tokenizer files and anything else saved beside the config
-            if extra.is_file() and not (tmp / extra.name).exists():
-                shutil.copy2(extra, tmp / extra.name)
-        if dtype is not None:
-            convert_folder_dtype(tmp, dtype)
-    return Path(out_dir)
+    return save_consolidated(model, state, model_dir, out_dir, dtype)
 

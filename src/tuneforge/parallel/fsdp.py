@@ -157,11 +157,9 @@ def consolidate(dcp_dir: Path, model: nn.Module) -> None:
 
 def export_sharded(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
     """One process: a plain Hugging Face folder from an FSDP checkpoint (`model/` config + `dcp/` shards)."""
-    import shutil
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tuneforge.model.export import atomic_dir, convert_folder_dtype
+    from tuneforge.model.export import save_consolidated
 
     ckpt_dir = Path(ckpt_dir)
     model_dir = ckpt_dir / "model"
@@ -174,11 +172,4 @@ def export_sharded(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> Pat
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # skipped with the initialisation; the config may tie input and output embeddings
     consolidate(ckpt_dir / "dcp", model)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), state_dict=without_shared(model, model.state_dict()))
-        for extra in model_dir.iterdir():  # tokenizer files and anything else saved beside the config
-            if extra.is_file() and not (tmp / extra.name).exists():
-                shutil.copy2(extra, tmp / extra.name)
-        if dtype is not None:
-            convert_folder_dtype(tmp, dtype)
-    return Path(out_dir)
+    return save_consolidated(model, without_shared(model, model.state_dict()), model_dir, out_dir, dtype)
