@@ -1,7 +1,7 @@
 """tuneforge vs TRL SFTTrainer (packing) vs HF Trainer (padded batches): LoRA SFT side by side.
 
-    python benchmarks/compare.py [--model .cache/smollm2-135m-instruct] [--steps 5] [--repeats 3]
-    python benchmarks/compare.py --steps 2 --repeats 1 --max-length 256      # smoke test
+    python benchmarks/compare.py [--model .cache/smollm2-135m-instruct] [--steps 8] [--warmup 3] [--repeats 3]
+    python benchmarks/compare.py --steps 2 --warmup 1 --repeats 1 --max-length 256 --systems tuneforge,hf  # smoke
 
 One workload for all three systems: the same model, LoRA (r=16, alpha=32, dropout 0, all linear
 layers, fp32), learning-rate schedule (warmup + cosine, AdamW, clip 1.0), sequence length and the
@@ -24,7 +24,7 @@ Loss tokens are the assistant answer + its `<|im_end|>` in every system (tunefor
 
 Each run is its own subprocess (peak RSS = that child's VmHWM after training); systems
 alternate A B C A B C for `--repeats` rounds and the table shows medians. Metrics: real
-(non-pad) tokens/s over the steps after the first, ratio to tuneforge, peak RSS, time from
+(non-pad) tokens/s over the steps after the first `--warmup` (3), ratio to tuneforge, peak RSS, time from
 process start to the first optimizer step done, and the loss after the same tokens: the
 held-out loss of the trained adapter on `--eval-samples` GSM8K samples no system trained on
 (same code for all; deterministic, so computed in the first round only), plus the token-weighted
@@ -249,9 +249,10 @@ def trainer_args(cls, spec: dict, out_dir: Path, **extra):
                **extra)
 
 
-def summarize_steps(steps: list[dict]) -> dict:
-    after = steps[1:]
-    span = steps[-1]["t"] - steps[0]["t"] if len(steps) > 1 else float("nan")
+def summarize_steps(steps: list[dict], warmup: int = 1) -> dict:
+    """Totals of the recorded steps; tokens/s over the steps after the first `warmup` ones."""
+    after = steps[warmup:]
+    span = steps[-1]["t"] - steps[warmup - 1]["t"] if len(steps) > warmup else float("nan")
     tokens_after = sum(s["tokens"] for s in after)
     losses = [s.get("loss") for s in steps]
     weights = [s["loss_tokens"] for s in steps]
@@ -297,7 +298,7 @@ def run_tuneforge(spec: dict, examples: dict, out_dir: Path, overrides: tuple | 
         steps.append({"step": row["step"], "t": t, "tokens": row["tokens"] - previous, "loss_tokens": row["loss_tokens"],
                       "loss": row["loss"]})
         previous = row["tokens"]
-    result = {**summarize_steps(steps), "peak_rss_mb": rss}
+    result = {**summarize_steps(steps, spec["warmup"]), "peak_rss_mb": rss}
     if spec.get("evaluate"):
         from peft import PeftModel
 
@@ -326,7 +327,7 @@ def run_trl(spec: dict, examples: dict, out_dir: Path) -> dict:
     trainer.token_log, trainer.bench_spec = token_log, spec
     trainer.train()
     rss = peak_rss_mb()
-    result = {**summarize_steps(steps), "peak_rss_mb": rss, "packed_rows": len(trainer.train_dataset),
+    result = {**summarize_steps(steps, spec["warmup"]), "peak_rss_mb": rss, "packed_rows": len(trainer.train_dataset),
               "attn_implementation": trainer.model.config._attn_implementation,
               "collator_keys": sorted(trainer.data_collator([trainer.train_dataset[0]]).keys())}
     if spec.get("evaluate"):
@@ -408,7 +409,7 @@ def run_hf(spec: dict, examples: dict, out_dir: Path) -> dict:
     trainer.token_log, trainer.bench_spec = token_log, spec
     trainer.train()
     rss = peak_rss_mb()
-    result = {**summarize_steps(steps), "peak_rss_mb": rss}
+    result = {**summarize_steps(steps, spec["warmup"]), "peak_rss_mb": rss}
     if spec.get("evaluate"):
         started = time.time()
         result["held_out_loss"] = held_out_loss(trainer.model, examples["held_out"])
@@ -478,7 +479,9 @@ def main() -> None:
     parser.add_argument("--data", default="/work/shared/data/gsm8k_train.jsonl")
     parser.add_argument("--template", default="tokenizer", help="tuneforge template name (default: the tokenizer's ChatML)")
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps (one packed row of --max-length each)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps (one packed row of --max-length each)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="steps left out of tokens/s (first-step set-up; compiling under model.compile)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
@@ -500,8 +503,8 @@ def main() -> None:
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
-    if unknown or args.steps < 2:
-        parser.error(f"unknown systems {sorted(unknown)}" if unknown else "--steps must be >= 2 (tokens/s skips the first)")
+    if unknown or args.steps <= args.warmup or args.warmup < 1:
+        parser.error(f"unknown systems {sorted(unknown)}" if unknown else "need --steps > --warmup >= 1")
     if "trl" in systems and importlib.util.find_spec("trl") is None:
         parser.error("TRL is not installed: pip install -e '.[bench]' (or --systems tuneforge,hf)")
     bench_started = time.time()
@@ -509,7 +512,7 @@ def main() -> None:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         spec = {"model": str(Path(args.model).resolve()), "data": str(Path(args.data).resolve()), "template": args.template,
-                "max_length": args.max_length, "steps": args.steps, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
+                "max_length": args.max_length, "steps": args.steps, "warmup": args.warmup, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
                 "seed": args.seed, "eval_samples": args.eval_samples, "work": str(work)}
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=1))
@@ -580,7 +583,8 @@ def main() -> None:
     header = (f"{'system':<44} {'steps':>5} {'real tok':>9} {'pad eff':>7} {'tok/s':>8} {'vs tf':>6} {'RSS MB':>7} "
               f"{'1st step s':>10} {'train loss':>10} {'held-out':>9}")
     print()
-    print(f"medians of {args.repeats} round(s); {args.steps} steps of up to {args.max_length} tokens; model {Path(args.model).name}")
+    print(f"medians of {args.repeats} round(s); {args.steps} steps of up to {args.max_length} tokens, tokens/s after "
+          f"the first {args.warmup}; model {Path(args.model).name}")
     print(header)
     print("-" * len(header))
     for system, s in summary.items():

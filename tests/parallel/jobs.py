@@ -31,10 +31,10 @@ def child_env(**extra) -> dict:
     return env
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 400) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node N <WORKER> args`, checked."""
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 400, worker: Path = WORKER) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node N <worker> args`, checked."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(worker), *args]
     proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
     check(proc)
     return proc

@@ -111,7 +111,8 @@ def _flash_varlen(fn, query, key, value, cu, max_len, *, scaling, dropout, causa
     return out.reshape(batch, seq_len, out.shape[-2], out.shape[-1])
 
 
-def varlen_attention_forward(
+@torch.compiler.disable  # data-dependent document loop: under model.compile it runs eagerly between graphs,
+def varlen_attention_forward(  # instead of being recompiled for every number of documents in a row
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,

@@ -130,6 +130,8 @@ def load_model(
     `tuneforge.model.attention.resolve_attn_implementation` picks); without it, config "auto"
     keeps transformers' default and other config values are resolved by that function.
     `cfg.quantization` loads it in 4/8 bits for QLoRA (CUDA + bitsandbytes only).
+    On the meta device it builds the architecture from `config.json` without reading any
+    weight (`tuneforge.parallel.rank0_load`: FSDP ranks > 0, whose shards come from rank 0).
     """
     from transformers import AutoModelForCausalLM
 
@@ -148,7 +150,11 @@ def load_model(
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": torch.device(device)})
     try:
-        if is_internlm2(cfg.path):  # converted to Llama whatever trust_remote_code says
+        if torch.device(device).type == "meta":  # an FSDP rank > 0: the architecture only, rank 0 sends the weights
+            from tuneforge.parallel.rank0_load import build_on_meta
+
+            model = build_on_meta(cfg.path, **kwargs)
+        elif is_internlm2(cfg.path):  # converted to Llama whatever trust_remote_code says
             model = load_internlm2_as_llama(cfg.path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)

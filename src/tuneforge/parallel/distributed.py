@@ -76,8 +76,13 @@ class DistributedContext:
         self.is_main = dist_ctx.is_main
         self.sharded = strategy == "fsdp"
         # FSDP2 moves each layer to the device as it shards it, so the full model is loaded on
-        # the CPU and never sits whole on one GPU; DDP replicates it on every device.
-        self.load_device = torch.device("cpu") if self.sharded else self.device
+        # the CPU and never sits whole on one GPU; DDP replicates it on every device. Under
+        # FSDP only rank 0 reads the weights; the others build the model on the meta device
+        # and receive their shards from rank 0 (tuneforge.parallel.rank0_load). Tensor
+        # parallel (2-D shards) still loads the full model on every rank.
+        self.rank0_load = self.sharded and self.tp_size == 1
+        self.load_device = (torch.device("meta") if self.rank0_load and self.rank > 0 else torch.device("cpu")) \
+            if self.sharded else self.device
         self._mesh = None
         self._parallel_mesh = None
 
@@ -161,7 +166,8 @@ class DistributedContext:
             from tuneforge.parallel.fsdp import apply_fsdp
 
             if not self.multi_dim:
-                return apply_fsdp(model, self.mesh, zero=self.zero, offload=self.offload, param_dtype=self.param_dtype)
+                return apply_fsdp(model, self.mesh, zero=self.zero, offload=self.offload, param_dtype=self.param_dtype,
+                                  from_rank0=self.device if self.rank0_load else None)
             from tuneforge.parallel.mesh import check_heads, model_heads
             from tuneforge.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -177,7 +183,8 @@ class DistributedContext:
                 model = ulysses.SequenceParallelLoss(model, group)
             # sp ranks hold parts of the same rows: their gradients add up; replicas (dp) average
             return apply_fsdp(model, mesh.data, zero=self.zero, offload=self.offload, param_dtype=self.param_dtype,
-                              gradient_divide_factor=self.dp_size if self.sp_size > 1 else None)
+                              gradient_divide_factor=self.dp_size if self.sp_size > 1 else None,
+                              from_rank0=self.device if self.rank0_load else None)
         import inspect
 
         from torch.nn.parallel import DistributedDataParallel

@@ -10,6 +10,8 @@ Owns
   DTensors on the tp mesh already and `mesh` is the flattened dp x sp mesh, so FSDP2 makes 2-D
   shards; under sequence parallel `gradient_divide_factor` (dp) sums the sp ranks' gradients
   and averages over replicas only (with sum-only collectives, which gloo and NCCL both have).
+  With `from_rank0` only rank 0 holds real weights (the others a meta-device model) and every
+  rank's shards come from rank 0 (`tuneforge.parallel.rank0_load`).
 - `decoder_layers`: the `ModuleList` of a causal LM's decoder layers, PEFT-wrapped or not.
 - `save_sharded` / `load_sharded`: model (trainable parameters only for LoRA) and optimizer
   state through torch.distributed.checkpoint (DCP); every rank writes its own shards, and a
@@ -52,8 +54,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def apply_fsdp(root: nn.Module, mesh, *, zero: int = 3, offload: bool = False,
-               param_dtype: torch.dtype | None = None, gradient_divide_factor: float | None = None) -> nn.Module:
-    """Shard `root` (a CausalLMLoss) in place with FSDP2 and return it."""
+               param_dtype: torch.dtype | None = None, gradient_divide_factor: float | None = None,
+               from_rank0: torch.device | None = None) -> nn.Module:
+    """Shard `root` (a CausalLMLoss) in place with FSDP2 and return it.
+
+    `from_rank0` (the compute device): rank 0 holds the real weights and the other ranks a
+    meta-device model; every rank gets its shards from rank 0 (`tuneforge.parallel.rank0_load`)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {"mesh": mesh, "reshard_after_forward": zero == 3}
@@ -62,9 +68,15 @@ def apply_fsdp(root: nn.Module, mesh, *, zero: int = 3, offload: bool = False,
     if param_dtype is not None and param_dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = list(decoder_layers(root.model))
+    if from_rank0 is not None:
+        from tuneforge.parallel import rank0_load
+
+        full = rank0_load.take_full_state(root)  # rank 0: the weights set aside, the model on meta
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(root, **kwargs)
+    if from_rank0 is not None:
+        rank0_load.materialize(root, full, from_rank0, offload=offload)
     if gradient_divide_factor is not None:
         for module in (*layers, root):
             module.set_gradient_divide_factor(float(gradient_divide_factor))
