@@ -17,12 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import write_config
 from tuneforge.parallel.launch import free_port
 
 # the launcher variables of the pytest process must not leak into the jobs it starts
 CHILD_ENV_DROP = ("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_",
                   "NPROC_PER_NODE", "NNODES", "NODE_RANK")
 WORKER = Path(__file__).with_name("strategy_worker.py")
+MAX_GRAD_NORM = 0.1  # below every step's gradient norm in these runs (full and LoRA): clipping is always active
+# The equivalence runs' schedule: 2 ranks x micro 2 x accumulation 2 == 1 process x micro 4 x accumulation 2
+TRAIN = {"lr": 1e-3, "warmup_ratio": 0.1, "seed": 3, "max_steps": 4, "micro_batch_size": 2, "gradient_accumulation": 2,
+         "max_grad_norm": MAX_GRAD_NORM, "save_every": 2, "keep_last": 2, "eval_every": 2}
 
 
 def child_env(**extra) -> dict:
@@ -75,6 +80,32 @@ def shared_runs(tmp_path_factory, name: str, build: Callable[[Path], None]) -> P
                 raise
             (root / "DONE").touch()
     return root
+
+
+def run_config(root: Path, name: str, model: Path, data: Path, sections: dict | None = None, micro: int = 2) -> Path:
+    """root/NAME.yaml for an equivalence run in root/NAME: `TRAIN` with micro-batch `micro`,
+    max_length 96 and 10% of the samples held out for eval, updated by `sections`."""
+    sections = {k: dict(v) for k, v in (sections or {}).items()}
+    sections["train"] = {**TRAIN, "micro_batch_size": micro, "work_dir": str(root / name), **sections.get("train", {})}
+    sections["data"] = {"max_length": 96, "eval_split": 0.1, **sections.get("data", {})}
+    return write_config(root / f"{name}.yaml", model, [{"path": str(data), "format": "alpaca"}], **sections)
+
+
+def assert_matches_single(run: Path, reference: Path) -> None:
+    """`run` reproduced the single-process `reference`: step losses (|d| <= 1e-5), gradient norms
+    (with clipping active), token counts, eval losses and final weights (relative <= 1e-4)."""
+    want, got = metric_rows(reference), metric_rows(run)
+    assert len(got) == len(want) == 4
+    for w, g in zip(want, got):
+        assert g["loss"] == pytest.approx(w["loss"], abs=1e-5), (w["step"], g["loss"], w["loss"])
+        assert w["grad_norm"] > MAX_GRAD_NORM  # clipping was active, so the global norm mattered
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
+        assert g["loss_tokens"] == w["loss_tokens"] and g["tokens"] == w["tokens"]
+    want, got = metric_rows(reference, "eval_loss"), metric_rows(run, "eval_loss")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for w, g in zip(want, got):
+        assert g["eval_loss"] == pytest.approx(w["eval_loss"], abs=1e-5)
+    assert_close_weights(weights(run / "final"), weights(reference / "final"))
 
 
 def weights(folder: Path) -> dict:

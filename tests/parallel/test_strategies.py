@@ -25,12 +25,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import alpaca_records, build_tokenizer, losses, make_tiny_model, write_config, write_jsonl
-from jobs import assert_close_weights, check, child_env, metric_rows, one_thread, shared_runs, torchrun, weights
+from helpers import alpaca_records, build_tokenizer, losses, make_tiny_model, write_jsonl
+from jobs import (
+    assert_close_weights, assert_matches_single, check, child_env, metric_rows, one_thread,
+    run_config, shared_runs, torchrun, weights,
+)
 from tuneforge.cli import main
 from tuneforge.parallel.launch import free_port
 
-MAX_GRAD_NORM = 0.1  # below every step's gradient norm (full and LoRA): clipping is always active
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 # name -> (config sections, single-process reference)
 DISTRIBUTED = {
@@ -50,21 +52,10 @@ def _build(root: Path) -> None:
     tokenizer = build_tokenizer()
     model = make_tiny_model(root / "model", tokenizer, tie=True)  # FSDP must keep the shared embedding shared
     data = write_jsonl(root / "train.jsonl", alpaca_records(64))
-    train = {"lr": 1e-3, "warmup_ratio": 0.1, "seed": 3, "max_steps": 4, "micro_batch_size": 2,
-             "gradient_accumulation": 2, "max_grad_norm": MAX_GRAD_NORM, "save_every": 2, "keep_last": 2,
-             "eval_every": 2}
-
-    def config(name, sections, micro=2):
-        sections = {k: dict(v) for k, v in sections.items()}
-        sections["train"] = {**train, "micro_batch_size": micro, "work_dir": str(root / name)}
-        sections["data"] = {"max_length": 96, "eval_split": 0.1}  # 6 samples held out
-        return write_config(root / f"{name}.yaml", model, [{"path": str(data), "format": "alpaca"}], **sections)
-
     with one_thread():
         for name, sections in [("single", {}), ("single_lora", {"model": {"lora": LORA}})]:
-            assert main(["train", str(config(name, sections, micro=4))]) == 0, name
-    configs = [str(config(name, sections)) for name, (sections, _) in DISTRIBUTED.items()]
-    torchrun(configs)
+            assert main(["train", str(run_config(root, name, model, data, sections, micro=4))]) == 0, name
+    torchrun([str(run_config(root, name, model, data, sections)) for name, (sections, _) in DISTRIBUTED.items()])
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +74,7 @@ def copy_run(runs: Path, name: str, dest: Path) -> Path:
 
 @pytest.mark.parametrize("name", [n for n, (_, ref) in DISTRIBUTED.items() if ref])
 def test_two_ranks_match_one_process(runs, name):
-    reference = DISTRIBUTED[name][1]
-    want, got = metric_rows(runs / reference), metric_rows(runs / name)
-    assert len(got) == len(want) == 4
-    for w, g in zip(want, got):
-        assert g["loss"] == pytest.approx(w["loss"], abs=1e-5), (w["step"], g["loss"], w["loss"])
-        assert w["grad_norm"] > MAX_GRAD_NORM  # clipping was active, so the global norm mattered
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
-    want, got = metric_rows(runs / reference, "eval_loss"), metric_rows(runs / name, "eval_loss")
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
-    for w, g in zip(want, got):
-        assert g["eval_loss"] == pytest.approx(w["eval_loss"], abs=1e-5)
-    assert_close_weights(weights(runs / name / "final"), weights(runs / reference / "final"))
+    assert_matches_single(runs / name, runs / DISTRIBUTED[name][1])
     if "lora" in name:
         assert (runs / name / "final" / "adapter_config.json").is_file()
 

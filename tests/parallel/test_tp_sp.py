@@ -25,11 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import alpaca_records, build_tokenizer, losses, make_tiny_model, write_config, write_jsonl
-from jobs import child_env, metric_rows, one_thread, shared_runs, torchrun, weight_errors, weights
+from helpers import alpaca_records, build_tokenizer, losses, make_tiny_model, write_jsonl
+from jobs import (
+    assert_matches_single, child_env, metric_rows, one_thread, run_config, shared_runs, torchrun,
+    weight_errors, weights,
+)
 from tuneforge.cli import main
 
-MAX_GRAD_NORM = 0.1  # below every step's gradient norm: clipping is always active
 # name -> (parallel section, model, single-process reference)
 VARIANTS = {
     "tp2": ({"strategy": "fsdp", "tensor_parallel": 2}, "model", "single"),
@@ -44,23 +46,15 @@ def _build(root: Path) -> None:
     models = {"model": make_tiny_model(root / "model", tokenizer, tie=True),
               "model_mqa": make_tiny_model(root / "model_mqa", tokenizer, tie=True, kv_heads=1)}
     data = write_jsonl(root / "train.jsonl", alpaca_records(64))
-    train = {"lr": 1e-3, "warmup_ratio": 0.1, "seed": 3, "max_steps": 4, "micro_batch_size": 2,
-             "gradient_accumulation": 2, "max_grad_norm": MAX_GRAD_NORM, "save_every": 2, "keep_last": 2,
-             "eval_every": 2}
 
-    def config(name, model, parallel=None):
-        sections = {"train": {**train, "work_dir": str(root / name)},
-                    "data": {"max_length": 96, "eval_split": 0.1, "packing": "soft"}}
-        if parallel:
-            sections["parallel"] = parallel
-        return write_config(root / f"{name}.yaml", models[model], [{"path": str(data), "format": "alpaca"}],
-                            **sections)
+    def config(name, model, parallel=None):  # packed rows of several documents; no dp, so the same micro-batch
+        sections = {"data": {"packing": "soft"}, **({"parallel": parallel} if parallel else {})}
+        return run_config(root, name, models[model], data, sections)
 
     with one_thread():
         for name in ("single", "single_mqa"):
             assert main(["train", str(config(name, "model" if name == "single" else "model_mqa"))]) == 0, name
-    configs = [str(config(name, model, parallel)) for name, (parallel, model, _) in VARIANTS.items()]
-    torchrun(configs)
+    torchrun([str(config(name, model, parallel)) for name, (parallel, model, _) in VARIANTS.items()])
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +68,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_two_ranks_match_one_process(runs, name):
-    reference = VARIANTS[name][2]
-    want, got = metric_rows(runs / reference), metric_rows(runs / name)
-    assert len(got) == len(want) == 4
-    for w, g in zip(want, got):
-        assert g["loss"] == pytest.approx(w["loss"], abs=1e-5), (w["step"], g["loss"], w["loss"])
-        assert w["grad_norm"] > MAX_GRAD_NORM  # clipping was active, so the global norm mattered
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
-        assert g["loss_tokens"] == w["loss_tokens"] and g["tokens"] == w["tokens"]
-    want, got = metric_rows(runs / reference, "eval_loss"), metric_rows(runs / name, "eval_loss")
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
-    for w, g in zip(want, got):
-        assert g["eval_loss"] == pytest.approx(w["eval_loss"], abs=1e-5)
-    errors = weight_errors(weights(runs / name / "final"), weights(runs / reference / "final"))
-    assert max(errors.values()) <= 1e-4, errors
+    assert_matches_single(runs / name, runs / VARIANTS[name][2])
 
 
 def test_four_ranks_mix_data_sequence_and_tensor_parallel(runs, tmp_path):
