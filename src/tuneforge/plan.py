@@ -99,22 +99,11 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
         adapter_states = trained * (16 if s.device == "cpu" else 4 + OPTIMIZER_BYTES)
         states = adapter_states / dp if zero >= 1 else adapter_states
         params, grads, optim = weights, 0.0, states
-    elif s.device == "cpu":
-        params, grads, optim = 4 * psi, 4 * psi, 8 * psi
-        if zero >= 1:
-            optim /= dp
-        if zero >= 2:
-            grads /= dp
-        if zero >= 3:
-            params /= dp
-    else:
-        params, grads, optim = 2 * psi, 2 * psi, OPTIMIZER_BYTES * psi
-        if zero >= 1:
-            optim /= dp
-        if zero >= 2:
-            grads /= dp
-        if zero >= 3:
-            params /= dp
+    else:  # fp32 everything on the CPU; bf16 weights and gradients + fp32 master/moments on a GPU
+        bytes_each = (4, 4, 8) if s.device == "cpu" else (2, 2, OPTIMIZER_BYTES)
+        params, grads, optim = (b * psi for b in bytes_each)
+        # ZeRO stage k shards the first k of: optimizer state, gradients, parameters
+        optim, grads, params = (x / dp if zero >= stage else x for stage, x in ((1, optim), (2, grads), (3, params)))
     host = 0.0
     if s.offload:
         host += optim
