@@ -24,18 +24,6 @@ from torch import nn
 from tuneforge.errors import UserError
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a (PEFT-wrapped or not) causal LM."""
-    from tuneforge.train.loss import decoder_and_head
-
-    decoder, _ = decoder_and_head(model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise UserError(f"model.compile: {type(decoder).__name__} has no `layers` list of decoder blocks",
-                        hint="set model.compile: false")
-    return layers
-
-
 def has_cxx_compiler() -> bool:
     """torch.compile on the CPU builds C++ kernels: CXX, or g++/clang++ on PATH."""
     if os.environ.get("CXX"):
@@ -48,7 +36,9 @@ def compile_decoder_layers(model: nn.Module, device_type: str) -> int:
     if device_type == "cpu" and not has_cxx_compiler():
         raise UserError("model.compile needs a C++ compiler on the CPU (none of $CXX, g++, clang++ found)",
                         hint="install g++, or set model.compile: false")
-    layers = decoder_layers(model)
+    from tuneforge.train.loss import decoder_layers
+
+    layers = decoder_layers(model, purpose="compile", hint="set model.compile: false")
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -12,7 +12,6 @@ Owns
   and averages over replicas only (with sum-only collectives, which gloo and NCCL both have).
   With `from_rank0` only rank 0 holds real weights (the others a meta-device model) and every
   rank's shards come from rank 0 (`tuneforge.parallel.rank0_load`).
-- `decoder_layers`: the `ModuleList` of a causal LM's decoder layers, PEFT-wrapped or not.
 - `save_sharded` / `load_sharded`: model (trainable parameters only for LoRA) and optimizer
   state through torch.distributed.checkpoint (DCP); every rank writes its own shards, and a
   checkpoint can be read back on any number of ranks.
@@ -36,23 +35,6 @@ from tuneforge.errors import UserError
 ROOT_PREFIX = "model."  # CausalLMLoss keeps the causal LM as `.model`
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (plain or PEFT), as the ModuleList that holds them."""
-    from tuneforge.train.loss import decoder_and_head
-
-    decoder, _ = decoder_and_head(model)
-    layers = getattr(decoder, "layers", None)
-    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-        return layers
-    # Other layouts (`h`, `blocks`, ...): the longest ModuleList of identical blocks in the decoder.
-    candidates = [m for m in decoder.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-                  and len({type(layer) for layer in m}) == 1]
-    if not candidates:
-        raise UserError(f"cannot find the decoder layers of {type(decoder).__name__} to shard with FSDP",
-                        hint="use parallel.strategy: ddp")
-    return max(candidates, key=len)
-
-
 def apply_fsdp(root: nn.Module, mesh, *, zero: int = 3, offload: bool = False,
                param_dtype: torch.dtype | None = None, gradient_divide_factor: float | None = None,
                from_rank0: torch.device | None = None) -> nn.Module:
@@ -62,12 +44,14 @@ def apply_fsdp(root: nn.Module, mesh, *, zero: int = 3, offload: bool = False,
     meta-device model; every rank gets its shards from rank 0 (`tuneforge.parallel.rank0_load`)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    from tuneforge.train.loss import decoder_layers
+
     kwargs = {"mesh": mesh, "reshard_after_forward": zero == 3}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     if param_dtype is not None and param_dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    layers = list(decoder_layers(root.model))
+    layers = list(decoder_layers(root.model, purpose="shard with FSDP", hint="use parallel.strategy: ddp"))
     if from_rank0 is not None:
         from tuneforge.parallel import rank0_load
 

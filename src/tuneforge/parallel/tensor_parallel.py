@@ -62,7 +62,7 @@ def apply_tensor_parallel(root: nn.Module, tp_mesh) -> nn.Module:
     """Shard the decoder layers of `root` (a CausalLMLoss or a causal LM) over `tp_mesh`, in place."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from tuneforge.parallel.fsdp import decoder_layers
+    from tuneforge.train.loss import decoder_layers
     from tuneforge.parallel.mesh import check_heads, model_heads
 
     model = getattr(root, "model", root)

@@ -5,7 +5,8 @@ Owns
   positions are gathered first (no logits for the rest), then lm_head + CE run `chunk_size`
   tokens at a time, each chunk under activation checkpointing (when there is more than one),
   so at most one chunk's fp32 logits is alive in forward and in backward;
-- `decoder_and_head`: the base decoder and output head of a plain or PEFT-wrapped causal LM;
+- `decoder_and_head` / `decoder_layers`: the base decoder and output head, and the decoder's
+  blocks, of a plain or PEFT-wrapped causal LM;
 - `lm_loss_sum`: batch -> (loss sum, loss-token count), applying the model's final-logit
   softcapping when its config has one and adding a MoE router's load-balancing loss.
 Labels arrive already shifted (labels[b, t] is the target of position t), so nothing is
@@ -130,6 +131,20 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if head is None or decoder is None or decoder is model:
         raise UserError(f"{type(model).__name__} is not a causal LM with a decoder and an output head")
     return decoder, head
+
+
+def decoder_layers(model: nn.Module, purpose: str = "use", hint: str | None = None) -> nn.ModuleList:
+    """The decoder blocks of a causal LM (plain or PEFT), as the ModuleList that holds them:
+    `decoder.layers`, else the longest ModuleList of identical blocks (`h`, `blocks`, ...)."""
+    decoder, _ = decoder_and_head(model)
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return layers
+    candidates = [m for m in decoder.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                  and len({type(layer) for layer in m}) == 1]
+    if not candidates:
+        raise UserError(f"cannot find the decoder layers of {type(decoder).__name__} to {purpose}", hint=hint)
+    return max(candidates, key=len)
 
 
 def router_aux_loss(model: nn.Module, router_logits) -> torch.Tensor:
