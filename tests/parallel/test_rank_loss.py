@@ -74,3 +74,25 @@ def test_survivor_names_the_lost_rank(tmp_path, victim, how, expect):
     assert "Traceback" not in out
     # a dead rank is noticed at the next collective; a hung one after the timeout (+ the heartbeat check)
     assert waited < (timeout_s + 15 if how == signal.SIGSTOP else 15), waited
+
+
+HEARTBEAT_EXIT = """
+import sys
+import torch.distributed as dist
+from tuneforge.parallel.heartbeat import Heartbeat
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+beats = [Heartbeat("127.0.0.1", store.port, 0, 1, prefix="p/", interval_s=0.0).start() for _ in range(4)]
+for beat in beats:
+    beat.stop()
+"""
+
+
+def test_stopped_heartbeat_lets_the_process_exit_cleanly():
+    """A heartbeat thread still inside a store call when the interpreter exits aborts the
+    process (SIGABRT, "terminate called without an active exception"), which failed a whole
+    job after training had finished. `stop()` must wait for the thread; interval 0 keeps the
+    threads inside store calls nearly all the time."""
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", HEARTBEAT_EXIT], env=child_env(), capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-2000:]

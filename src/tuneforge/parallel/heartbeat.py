@@ -65,7 +65,12 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
+        """Stop the thread and wait for it (at most one store timeout). A daemon thread still
+        inside a store call when the interpreter exits aborts the process ("terminate called
+        without an active exception": it cannot take the GIL back), so it must end first."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(2.0, 3 * self.interval_s) + self.interval_s)
 
     def silent_ranks(self, wait_s: float | None = None) -> list[int] | None:
         """Ranks (other than this one) whose counter did not move over `wait_s`; None when the
