@@ -15,6 +15,8 @@ SHAPES = {
                         num_key_value_heads=4), None, 512, 2),
     "mid-lora": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2), 16, 512, 2),
+    "mid-lora-untrimmed": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                                num_key_value_heads=2), 16, 512, 2),
     "mid-full": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2), None, 512, 2),
     "mid-lora-short": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -52,7 +54,8 @@ def test_predicted_peak_rss_within_20_percent(tmp_path, name):
     cfg_path = write_config(tmp_path / "c.yaml", model_dir, [{"path": "d.jsonl", "format": "alpaca"}],
                             model={"lora": {"r": lora, "alpha": 2 * lora, "dropout": 0.0} if lora else None},
                             data={"max_length": length, "packing": "soft"},
-                            train={"max_steps": 2, "micro_batch_size": micro})
+                            train={"max_steps": 2, "micro_batch_size": micro,
+                                   "cpu_heap_trim_every": 0 if name.endswith("untrimmed") else 5})
     out = subprocess.run([sys.executable, "-c", MEASURE, "train", str(cfg_path)], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

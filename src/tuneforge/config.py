@@ -92,6 +92,7 @@ class TrainConfig(Section):
     eval_prompts: list[str] = Field(default_factory=list)
     work_dir: str = "runs/default"
     loss_chunk_size: int = Field(1024, gt=0)
+    cpu_heap_trim_every: int = Field(5, ge=0)  # CPU: give freed heap back to the OS every N decoder layers of forward
     skip_nonfinite: bool = False
     log_every: int = Field(1, gt=0)
 

@@ -60,6 +60,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.model.lora import apply_lora, trainable_parameter_count
     from tuneforge.train import checkpoint as ckpt
     from tuneforge.train.evaluate import evaluate
+    from tuneforge.train.heap_trim import trim_heap_during_forward
     from tuneforge.train.loss import CausalLMLoss
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
@@ -100,6 +101,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         from tuneforge.model.compile import compile_decoder_layers
 
         log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use")
+    elif device.type == "cpu":  # glibc keeps the holes freed temporaries leave between activations (train/heap_trim.py)
+        trim_heap_during_forward(model, tc.cpu_heap_trim_every)
     trainable, total_params = trainable_parameter_count(model)
     shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
     trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)
