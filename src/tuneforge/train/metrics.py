@@ -93,7 +93,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(work_dir) / "tensorboard"))
+                # purge_step: TensorBoard hides the earlier run's events from the resumed step on
+                purge = resume_step + 1 if resume_step is not None else None
+                self.writer = SummaryWriter(str(Path(work_dir) / "tensorboard"), purge_step=purge)
             except ImportError:
                 self.writer = None
 
@@ -106,6 +108,7 @@ class MetricsLog:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.writer.add_scalar(key, value, row.get("step", 0))
+            self.writer.flush()  # once per logged step: a run that stops on an error keeps its events
 
     def close(self) -> None:
         if self.writer is not None:
