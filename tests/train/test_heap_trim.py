@@ -13,18 +13,23 @@ from tuneforge.train import heap_trim
 
 pytestmark = pytest.mark.skipif(heap_trim.malloc_trim() is None, reason="needs glibc's malloc_trim")
 
-# Kept small tensors between freed 1 MB ones: the holes stay inside the heap (glibc only gives
+# Kept 64 KB tensors between freed 1 MB ones: the holes stay inside the heap (glibc only gives
 # back the top of it) until malloc_trim(0) releases them.
 FRAGMENTED_HEAP = """
+import ctypes
 import torch
 from tuneforge.train.heap_trim import malloc_trim
 def rss_mb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
-big = torch.ones(8 * 2**18); del big   # freeing an mmapped 8 MB block raises glibc's mmap threshold above 1 MB
+# whatever the imports allocated before: 1 MB blocks come from the heap (not mmap), and free()
+# never gives back the heap's top by itself
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+libc = ctypes.CDLL("libc.so.6")
+assert libc.mallopt(M_MMAP_THRESHOLD, 4 * 2**20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**30) == 1
 kept, freed = [], []
 for _ in range(200):
     freed.append(torch.ones(2**18))    # 1 MB
-    kept.append(torch.ones(2**10))     # 4 KB
+    kept.append(torch.ones(2**14))     # 64 KB
 del freed
 before = rss_mb()
 released = malloc_trim()()

@@ -10,10 +10,12 @@ drops the resident size from 3.2 to 2.2 GB).
 
 `trim_heap_during_forward` calls `malloc_trim(0)` after every `every`-th decoder layer of the
 forward pass, so the holes go back to the OS while activations pile up: the peak fell from
-3.6 to 2.7 GB there with `every=5`, the step time within the run-to-run noise (trimming in
-backward as well, or after every layer, cost 10-30% more time for little more memory).
-Nothing happens off glibc (macOS, musl) or on a GPU, whose caching allocator holds the
-activations instead.
+3.6 to 2.7 GB there with `every=5`. The price is page faults when released memory is used
+again (minor faults 1.5 M -> 7.2 M over 10 steps): ~10% of the step time in the benchmark,
+23% in the quick-start demo's shorter rows; `every=0` turns it off. Trimming in backward as
+well, after every layer, or only late in the forward pass was slower for less gain. The loop
+calls this only on the CPU: a GPU's caching allocator holds the activations instead; off
+glibc (macOS, musl) there is nothing to call.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import functools
 from collections.abc import Callable
 
 from torch import nn
+
+from tuneforge.errors import UserError
+from tuneforge.train.loss import decoder_layers
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,9 +48,6 @@ def trim_heap_during_forward(model: nn.Module, every: int) -> int:
     """Register a forward hook calling `malloc_trim(0)` after every `every`-th decoder block of
     `model` (plain or PEFT); returns how many hooks were registered (0 when `every` is 0, the C
     library cannot trim, or the model has no recognisable blocks)."""
-    from tuneforge.errors import UserError
-    from tuneforge.train.loss import decoder_layers
-
     trim = malloc_trim()
     if every <= 0 or trim is None:
         return 0
