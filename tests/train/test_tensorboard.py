@@ -9,10 +9,8 @@ from tuneforge.cli import main
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
-def tensorboard_scalars(folder, tag):
-    events = event_accumulator.EventAccumulator(str(folder))
-    events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+def tensorboard_events(folder):
+    return event_accumulator.EventAccumulator(str(folder)).Reload()
 
 
 def test_events_follow_metrics_through_a_resume(run_config, tmp_path):
@@ -21,9 +19,9 @@ def test_events_follow_metrics_through_a_resume(run_config, tmp_path):
     first = losses(tmp_path / "tb")
     assert main(["train", str(cfg), "--resume", str(tmp_path / "tb" / "checkpoints" / "step_3")]) == 0
     assert len(list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per run
-    scalars = tensorboard_scalars(tmp_path / "tb" / "tensorboard", "loss")
+    events = tensorboard_events(tmp_path / "tb" / "tensorboard")
+    scalars = [(e.step, e.value) for e in events.Scalars("loss")]
     assert [step for step, _ in scalars] == [1, 2, 3, 4, 5, 6]
     assert [value for _, value in scalars] == pytest.approx(losses(tmp_path / "tb"), rel=1e-6)
     assert losses(tmp_path / "tb") == first  # the resumed steps are the same steps
-    assert {"lr", "grad_norm", "tokens_per_s"} <= set(event_accumulator.EventAccumulator(
-        str(tmp_path / "tb" / "tensorboard")).Reload().Tags()["scalars"])
+    assert {"lr", "grad_norm", "tokens_per_s"} <= set(events.Tags()["scalars"])

@@ -42,10 +42,15 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @property
+    def store_timeout_s(self) -> float:
+        """How long one store call of the heartbeat may block."""
+        return max(2.0, 3 * self.interval_s)
+
     def _client(self):
         import torch.distributed as dist
 
-        timeout = timedelta(seconds=max(2.0, 3 * self.interval_s))
+        timeout = timedelta(seconds=self.store_timeout_s)
         store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timeout, wait_for_workers=False)
         return dist.PrefixStore(self.prefix, store)
 
@@ -70,7 +75,7 @@ class Heartbeat:
         without an active exception": it cannot take the GIL back), so it must end first."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=max(2.0, 3 * self.interval_s) + self.interval_s)
+            self._thread.join(timeout=self.store_timeout_s + self.interval_s)
 
     def silent_ranks(self, wait_s: float | None = None) -> list[int] | None:
         """Ranks (other than this one) whose counter did not move over `wait_s`; None when the
