@@ -1,7 +1,7 @@
 """`DistributedContext`: the run context of one rank in a data-parallel job (DDP or FSDP2).
 
 It offers the methods of `LocalContext` (what the training loop calls) over the process group
-that `tuneforge.parallel.launch.init_distributed` created, handed in as its `DistContext`;
+that `tuneforge.parallel.process_group.init_distributed` created, handed in as its `DistContext`;
 there is no process-group state here beyond what torch.distributed itself keeps.
 
 * `main_first(fn)`: rank 0 runs `fn` (tokenizing and packing into the data cache) while the
@@ -118,7 +118,7 @@ class DistributedContext:
     # ---- collectives
     def main_first(self, fn):
         """Rank 0 runs `fn` first (e.g. builds a cache), then the others; every rank gets fn()."""
-        from tuneforge.parallel.launch import long_barrier
+        from tuneforge.parallel.process_group import long_barrier
 
         # Each waiting rank polls the store; ~20 polls/s in all keeps the wait short on a few
         # ranks and the store (on rank 0's host) unloaded on many.

@@ -134,7 +134,9 @@ def build_context(cfg, dist_ctx, strategy: str, deepspeed: str | None = None):
 
 
 def run_train(cfg, args) -> int:
-    from tuneforge.parallel.launch import init_distributed, launch_env, relaunch_with_torchrun, spawn_request
+    from tuneforge.parallel.launch_env import launch_env
+    from tuneforge.parallel.process_group import init_distributed
+    from tuneforge.parallel.relaunch import relaunch_with_torchrun, spawn_request
 
     if args.work_dir:
         cfg.train.work_dir = args.work_dir
@@ -159,7 +161,7 @@ def run_train(cfg, args) -> int:
         return relaunch_with_torchrun(plan, argv)
 
     from tuneforge.errors import PREEMPTED_EXIT
-    from tuneforge.parallel.launch import PREEMPT_MARKER_ENV
+    from tuneforge.parallel.relaunch import PREEMPT_MARKER_ENV
     from tuneforge.quiet import quiet_libraries  # torch and transformers: not in a relaunching parent
     from tuneforge.train.loop import train
 
@@ -169,7 +171,8 @@ def run_train(cfg, args) -> int:
     if strategy == "deepspeed":
         deepspeed_context(cfg, None, deepspeed)  # fail before joining a process group
         if env.launcher == "none":  # DeepSpeed needs a process group, even of one rank
-            from tuneforge.parallel.launch import LaunchEnv, free_port
+            from tuneforge.parallel.launch_env import LaunchEnv
+            from tuneforge.parallel.relaunch import free_port
 
             env = LaunchEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "pytorch")
     quiet_libraries()
