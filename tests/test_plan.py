@@ -75,6 +75,22 @@ def test_every_shipped_recipe_validates_and_plans(capsys):
         strategy = resolve_strategy(cfg.parallel, nproc * nnodes, deepspeed)
         if strategy == "deepspeed":
             deepspeed_context(cfg, None, deepspeed)
+        for line in re.findall(r"^#\s+(mpirun .*)$", text, re.M):
+            check_mpirun_line(line, name, nproc * nnodes)
+
+
+def check_mpirun_line(line: str, recipe: str, world: int) -> None:
+    """A recipe's mpirun launch: as many processes as its torchrun launch, spread over the -H hosts,
+    rank 0's host passed as MASTER_ADDR, and a `tuneforge train RECIPE --launcher mpi` the CLI accepts."""
+    from tuneforge.cli import build_parser
+
+    words = line.split()
+    np_ = int(words[words.index("-np") + 1])
+    hosts = dict(h.split(":") for h in words[words.index("-H") + 1].split(","))
+    assert np_ == world == sum(int(n) for n in hosts.values()), (recipe, line)
+    assert f"MASTER_ADDR={next(iter(hosts))}" in words, (recipe, line)  # the first host runs rank 0
+    args = build_parser().parse_args(words[words.index("tuneforge") + 1:])
+    assert (args.verb, args.config, args.launcher) == ("train", f"{recipe}.yaml", "mpi"), (recipe, line)
 
 
 def test_list_and_copy_configs(tmp_path, capsys):

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.add_argument("--deepspeed", metavar="NAME|FILE.json", help="zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file")
-    p.add_argument("--launcher", choices=["none", "pytorch", "slurm"], default=None, help="how processes were started")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default=None,
+                   help="how processes were started: torchrun (pytorch), srun (slurm) or Open MPI's mpirun (mpi)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT_DIR",
                    help="resume from the latest complete checkpoint, or from CKPT_DIR")
     p.add_argument("--work-dir", help="override train.work_dir")

@@ -1,8 +1,8 @@
 """Where this process sits in the job: the launcher's environment read into a `LaunchEnv`.
 
 Owns, following XTuner/mmengine conventions: detecting the launcher (`detect_launcher`),
-reading torchrun's or SLURM's (srun) variables (`env_from_torchrun`, `env_from_slurm`,
-including SLURM's compressed host lists, `expand_nodelist`), the strict integer/port
+reading torchrun's, SLURM's (srun) or Open MPI's (mpirun) variables (`env_from_torchrun`,
+`env_from_slurm`, `env_from_mpi`, including SLURM's compressed host lists, `expand_nodelist`), the strict integer/port
 parsing of those variables (`env_int`, `env_port`) with one-line errors, and writing the
 result back as the variables torch's env:// rendezvous reads (`apply_env`).
 
@@ -11,16 +11,19 @@ Pure standard library: the CLI imports this module and must start fast.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
-from collections.abc import Mapping, MutableMapping
+import socket
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 from tuneforge.errors import UserError, did_you_mean
 
-LAUNCHERS = ("none", "pytorch", "slurm")
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 DEFAULT_PORT = 29500
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+OMPI_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
 # --------------------------------------------------------------------------- where am I
@@ -36,7 +39,7 @@ class LaunchEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "none" | "pytorch" | "slurm"
+    launcher: str  # "none" | "pytorch" | "slurm" | "mpi"
 
     @classmethod
     def single(cls) -> LaunchEnv:
@@ -71,8 +74,27 @@ def env_port(environ: Mapping[str, str], name: str, default: int | None = None) 
     return env_int(environ, name, minimum=1, maximum=65535, default=default)
 
 
+def require_vars(environ: Mapping[str, str], launcher: str, names: tuple[str, ...], hint: str) -> None:
+    """Raise one `UserError` naming every variable of `names` that `launcher` needs and lacks."""
+    missing = [name for name in names if not environ.get(name)]
+    if missing:
+        raise UserError(f"launcher {launcher!r} needs {', '.join(missing)} in the environment", hint=hint)
+
+
+def read_ranks(environ: Mapping[str, str], rank: str, world: str, local_rank: str, local_world: str,
+               local_world_default: bool = False) -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from the variables so named, checked:
+    world >= 1, 0 <= rank < world, 1 <= local world <= world, 0 <= local rank < local world.
+    With `local_world_default` an unset local world size means the whole world (one node)."""
+    world_size = env_int(environ, world, minimum=1)
+    rank_value = env_int(environ, rank, minimum=0, maximum=world_size - 1)
+    local_size = env_int(environ, local_world, minimum=1, maximum=world_size,
+                         default=world_size if local_world_default else None)
+    return rank_value, world_size, env_int(environ, local_rank, minimum=0, maximum=local_size - 1), local_size
+
+
 def detect_launcher(requested: str | None, environ: Mapping[str, str]) -> str:
-    """The launcher in use: "slurm" only when requested; "pytorch" when requested or when the
+    """The launcher in use: "slurm" or "mpi" only when requested; "pytorch" when requested or when the
     torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) are all set; else "none".
 
     A requested "none" inside a torchrun job still gives "pytorch": ignoring the launcher
@@ -81,7 +103,7 @@ def detect_launcher(requested: str | None, environ: Mapping[str, str]) -> str:
     if requested is not None and requested not in LAUNCHERS:
         raise UserError(f"unknown launcher {requested!r}; choose one of {', '.join(LAUNCHERS)}",
                         hint=did_you_mean(requested, LAUNCHERS))
-    if requested in ("slurm", "pytorch"):
+    if requested in ("slurm", "mpi", "pytorch"):
         return requested
     if all(environ.get(name) for name in TORCHRUN_VARS):
         return "pytorch"
@@ -90,14 +112,10 @@ def detect_launcher(requested: str | None, environ: Mapping[str, str]) -> str:
 
 def env_from_torchrun(environ: Mapping[str, str]) -> LaunchEnv:
     """The `LaunchEnv` of a process started by torchrun (`torch.distributed.run`)."""
-    missing = [name for name in (*TORCHRUN_VARS, "MASTER_PORT") if not environ.get(name)]
-    if missing:
-        raise UserError(f"launcher 'pytorch' needs {', '.join(missing)} in the environment",
-                        hint="start with torchrun, or set NPROC_PER_NODE to let tuneforge start it")
-    world_size = env_int(environ, "WORLD_SIZE", minimum=1)
-    rank = env_int(environ, "RANK", minimum=0, maximum=world_size - 1)
-    local_world = env_int(environ, "LOCAL_WORLD_SIZE", minimum=1, default=world_size)
-    local_rank = env_int(environ, "LOCAL_RANK", minimum=0, maximum=local_world - 1)
+    require_vars(environ, "pytorch", (*TORCHRUN_VARS, "MASTER_PORT"),
+                 hint="start with torchrun, or set NPROC_PER_NODE to let tuneforge start it")
+    rank, world_size, local_rank, local_world = read_ranks(
+        environ, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", local_world_default=True)
     return LaunchEnv(rank, world_size, local_rank, local_world, environ["MASTER_ADDR"].strip(),
                      env_port(environ, "MASTER_PORT"), "pytorch")
 
@@ -112,12 +130,9 @@ def env_from_slurm(environ: Mapping[str, str], default_port: int = DEFAULT_PORT)
     port is MASTER_PORT or `default_port`.
     """
     nodelist = environ.get("SLURM_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-    missing = [name for name in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID") if not environ.get(name)]
-    if not nodelist:
-        missing.append("SLURM_NODELIST")
-    if missing:
-        raise UserError(f"launcher 'slurm' needs {', '.join(missing)} in the environment",
-                        hint="start each task with srun, e.g. srun --ntasks-per-node=8 tuneforge train ... --launcher slurm")
+    require_vars({**environ, "SLURM_NODELIST": nodelist or ""}, "slurm",
+                 ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODELIST"),
+                 hint="start each task with srun, e.g. srun --ntasks-per-node=8 tuneforge train ... --launcher slurm")
     hosts = expand_nodelist(nodelist)
     if not hosts:
         raise UserError(f"SLURM_NODELIST {nodelist!r} names no host")
@@ -146,6 +161,63 @@ def _slurm_local_world(environ: Mapping[str, str], world_size: int, n_hosts: int
     return world_size // n_hosts
 
 
+def env_from_mpi(environ: Mapping[str, str], default_port: int = DEFAULT_PORT,
+                 is_local: Callable[[str], bool] | None = None) -> LaunchEnv:
+    """The `LaunchEnv` of a process started by Open MPI's `mpirun`.
+
+    Rank, world size, local rank and the processes on this node come from
+    OMPI_COMM_WORLD_RANK, _SIZE, _LOCAL_RANK and _LOCAL_SIZE, checked like SLURM's. The port
+    is MASTER_PORT or `default_port`. The address (`mpi_master_addr`): MASTER_ADDR when set
+    (`mpirun -x MASTER_ADDR=...`); else 127.0.0.1 when every process runs on this node; else
+    the host mpirun runs on, which rank 0 checks is its own (`is_local`, default
+    `is_local_address`) so that a wrong guess is one clear error instead of a rendezvous
+    that hangs until the timeout.
+    """
+    require_vars(environ, "mpi", OMPI_VARS,
+                 hint="start each process with Open MPI's mpirun, e.g. mpirun -np 8 tuneforge train ... --launcher mpi")
+    rank, world_size, local_rank, local_world = read_ranks(environ, *OMPI_VARS)
+    master_addr, guessed = mpi_master_addr(environ, world_size, local_world)
+    if guessed and rank == 0 and not (is_local or is_local_address)(master_addr):
+        raise UserError(f"rank 0 does not run on {master_addr}, the host mpirun runs on, so the other ranks cannot find it",
+                        hint="pass the address of rank 0's host: mpirun -x MASTER_ADDR=<first host> ...")
+    return LaunchEnv(rank, world_size, local_rank, local_world, master_addr,
+                     env_port(environ, "MASTER_PORT", default=default_port), "mpi")
+
+
+def mpi_master_addr(environ: Mapping[str, str], world_size: int, local_world: int) -> tuple[str, bool]:
+    """Rank 0's address under mpirun, and whether it was guessed (from mpirun's own host).
+
+    MASTER_ADDR wins; one node (all `world_size` processes local) is 127.0.0.1; on several
+    nodes, the first TCP address of the mpirun process in OMPI_MCA_orte_hnp_uri (Open MPI 4:
+    `JOBID.0;tcp://10.0.0.1,172.17.0.1:PORT;tcp6://...`), which is rank 0's host when mpirun
+    is started on the first host of its host list, as usual. Open MPI 5 has no such variable:
+    there MASTER_ADDR is required on several nodes.
+    """
+    addr = (environ.get("MASTER_ADDR") or "").strip()
+    if addr:
+        return addr, False
+    if local_world == world_size:
+        return "127.0.0.1", False
+    m = re.search(r"tcp://([^,:;/\[\]]+)", environ.get("OMPI_MCA_orte_hnp_uri") or "")
+    if not m:
+        raise UserError(f"launcher 'mpi' on several nodes ({world_size} processes, {local_world} on this one) needs MASTER_ADDR",
+                        hint="pass the address of rank 0's host: mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...")
+    return m.group(1), True
+
+
+def is_local_address(addr: str) -> bool:
+    """True when `addr` is one of this host's addresses (a socket can bind to it)."""
+    try:
+        infos = socket.getaddrinfo(addr, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    for family, _, _, _, sockaddr in infos:
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((sockaddr[0], 0))
+            return True
+    return False
+
+
 def parse_tasks_per_node(spec: str) -> list[int]:
     """SLURM_TASKS_PER_NODE (`2(x3),1`) as one count per node: [2, 2, 2, 1]."""
     counts: list[int] = []
@@ -162,6 +234,8 @@ def launch_env(requested: str | None, environ: Mapping[str, str]) -> LaunchEnv:
     launcher = detect_launcher(requested, environ)
     if launcher == "slurm":
         return env_from_slurm(environ)
+    if launcher == "mpi":
+        return env_from_mpi(environ)
     if launcher == "pytorch":
         return env_from_torchrun(environ)
     return LaunchEnv.single()

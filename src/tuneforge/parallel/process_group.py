@@ -92,7 +92,7 @@ def init_distributed(env: LaunchEnv, timeout_s: float = 1800.0) -> DistContext:
 
     if env.launcher == "none":
         if env.world_size != 1:
-            raise UserError(f"world size {env.world_size} needs a launcher", hint="use --launcher pytorch or slurm")
+            raise UserError(f"world size {env.world_size} needs a launcher", hint="use --launcher pytorch, slurm or mpi")
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return DistContext(0, 1, 0, 1, device, None)
 

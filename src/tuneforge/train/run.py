@@ -4,7 +4,8 @@ Launching (see `tuneforge.parallel.launch`):
 - `NPROC_PER_NODE=N [NNODES= NODE_RANK= ADDR= PORT=] tuneforge train ...` re-runs the same
   command under torchrun (`relaunch_with_torchrun`) and returns its exit status;
 - under torchrun (`--launcher pytorch`, or detected from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR)
-  this process joins the job; `--launcher slurm` reads SLURM's variables (`env_from_slurm`);
+  this process joins the job; `--launcher slurm` reads SLURM's variables (`env_from_slurm`),
+  `--launcher mpi` Open MPI's (`env_from_mpi`, under mpirun);
 - the process group is nccl on GPUs, gloo on the CPU (`init_distributed`).
 
 Strategy (`parallel.strategy`), decided by `resolve_strategy`:
