@@ -19,6 +19,7 @@ TEMPLATES = {"internlm2_chat": "internlm2_chat", "llama3_chat": "llama3_chat", "
              "qwen_chat": "qwen_chat", "mistral": "mistral", "mixtral": "mistral", "default": "default"}
 SHARED_DATASET_KEYS = ("max_length", "pack_to_max_length", "use_varlen_attn", "template_map_fn.template")
 FUSED_EXPERTS = ("w1", "w2", "w3")
+WORKERS = "tuneforge tokenizes and packs before training (cached) and reads rows from memory: no loader workers"
 TOKENIZER = "the tokenizer is read from model.path"
 SCHEDULE = ("the schedule is linear warmup from lr/warmup_steps over train.warmup_ratio of the steps, then "
             "train.lr_scheduler (cosine) down to train.min_lr_ratio x lr")
@@ -45,6 +46,7 @@ REASONS = [
     ("train_dataloader.sampler.per_device_batch_size", "length_grouped sorts groups of micro_batch_size x "
                                                        "gradient_accumulation rows per rank"),
     ("train_dataloader.sampler.*", "data.sampler chooses random, length_grouped or sequential"),
+    ("train_dataloader.num_workers", WORKERS), ("dataloader_num_workers", WORKERS),
     ("train_dataloader.batch_sampler", "rows per step are train.micro_batch_size x train.gradient_accumulation"),
     ("sampler", "data.sampler"), ("optim_type", "torch AdamW over the trainable parameters"),
     ("optim_wrapper.type", "mixed precision follows model.dtype (GPU autocast; the CPU trains in fp32)"),
@@ -174,8 +176,6 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
     sampler_name = sampler.leaf if isinstance(sampler, Opaque) else str(sampler)
     draft.set("data", "sampler", "length_grouped" if sampler_name == "LengthGroupedSampler" else "random",
               f"sampler={sampler_name}")
-    draft.set("data", "num_workers", int(src.get("train_dataloader.num_workers", "dataloader_num_workers", default=0)),
-              "dataloader_num_workers")
 
     # ---- train
     micro = int(src.get("train_dataloader.batch_size", "batch_size", default=1))
