@@ -115,6 +115,12 @@ def cmd_copy_config(args) -> int:
     return 0
 
 
+def cmd_convert_config(args) -> int:
+    from tuneforge.convert.run import run_convert
+
+    return run_convert(args.file, args.out, args.gpus, args.deepspeed, args.force)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models, from one CPU to many GPUs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -184,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, metavar="N", help="number of GPUs (default: one CPU process)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="memory per device")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = verb("convert-config", cmd_convert_config, "turn an XTuner or InternEvo .py config into a tuneforge YAML")
+    p.add_argument("file", help="the XTuner (mmengine) or InternEvo .py config; read, never executed")
+    p.add_argument("-o", "--out", metavar="OUT.yaml", help="write here (default: print)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N", help="GPUs the global batch assumes (default 8)")
+    p.add_argument("--deepspeed", metavar="NAME|FILE.json", help="XTuner's --deepspeed choice (deepspeed_zero2 ...)")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file")
 
     p = verb("list-configs", cmd_list_configs, "list the shipped recipes")
     p.add_argument("pattern", nargs="?", default=None)

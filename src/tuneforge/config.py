@@ -25,92 +25,149 @@ class Section(BaseModel):
 
 
 class LoraConfig(Section):
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """LoRA adapters through PEFT; only the adapter weights train."""
+
+    r: int = Field(16, gt=0, description="Rank of each adapter (the inner dimension of its two matrices).")
+    alpha: float = Field(32, gt=0, description="Adapter scale numerator: the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input, from 0 (none) to below 1.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Layers that get adapters: all-linear (every linear layer but the LM head) "
+                                  "or a list of module names such as [q_proj, v_proj].")
 
 
 class QuantizationConfig(Section):
-    bits: Literal[4, 8] = 4
+    """QLoRA: the frozen base weights quantized by bitsandbytes (a CUDA GPU)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (NF4 with double quantization, computing in model.dtype) or 8.")
 
 
 class ModelConfig(Section):
-    path: str = ""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = "auto"
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile each decoder block (tuneforge.model.compile)
-    trust_remote_code: bool = False
-    allow_pickle_weights: bool = False
-    lora: Optional[LoraConfig] = None
-    quantization: Optional[QuantizationConfig] = None
+    """The model to fine-tune and how it runs."""
+
+    path: str = Field("", description="A Hugging Face model folder with safetensors weights "
+                                      "(InternLM2 folders too); relative to the config file.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="float32 | bfloat16 | float16: GPU autocast precision (the CPU always trains in fp32).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = Field(
+        "auto", description="auto | varlen | sdpa | eager | flash_attention_2; auto and varlen run per-document "
+                            "attention on packed rows (flash-attn when installed, else SDPA per document).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile each decoder block (a one-time compile; less memory, "
+                                             "faster steps).")
+    trust_remote_code: bool = Field(False, description="Run the model folder's own Python code; off by default "
+                                                       "because remote code runs arbitrary Python.")
+    allow_pickle_weights: bool = Field(False, description="Also load pickled .bin weights; off by default "
+                                                          "(only safetensors unless you trust the files).")
+    lora: Optional[LoraConfig] = Field(None, description="null for full fine-tuning, or LoRA settings such as "
+                                                          "{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}.")
+    quantization: Optional[QuantizationConfig] = Field(
+        None, description="null, or {bits: 4} for QLoRA (needs model.lora, a CUDA GPU and bitsandbytes).")
 
 
 Format = Literal["alpaca", "openai", "sharegpt", "xtuner", "text", "internevo"]
 
 
 class DatasetConfig(Section):
-    path: str
-    format: Format = "alpaca"
-    weight: float = Field(1.0, gt=0)
-    columns: dict[str, str] = Field(default_factory=dict)
-    system: Optional[str] = None
-    min_length: int = Field(0, ge=0)
+    """One data file or folder and how to read it."""
+
+    path: str = Field(description="A .jsonl or .json file, or a folder of them (an internevo folder of .bin files); "
+                                  "relative to the config file.")
+    format: Format = Field("alpaca", description="alpaca | openai | sharegpt | xtuner | text | internevo "
+                                                 "(see Data formats).")
+    weight: float = Field(1.0, gt=0, description="Share of every epoch: 1 = each sample once, 0.5 a seeded half, "
+                                                 "2.5 two copies and a random half.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Maps the format's field names to yours, "
+                                                                      "e.g. {instruction: question, output: answer}.")
+    system: Optional[str] = Field(None, description="A system prompt for samples that have none.")
+    min_length: int = Field(0, ge=0, description="internevo format: samples with fewer tokens are dropped (and counted).")
 
 
 class DataConfig(Section):
-    datasets: list[DatasetConfig] = Field(default_factory=list)
-    eval_datasets: list[DatasetConfig] = Field(default_factory=list)
-    eval_split: float = Field(0.0, ge=0, lt=1)
-    template: str = "tokenizer"
-    max_length: int = Field(2048, ge=2)
-    packing: Literal["none", "soft", "hard"] = "soft"
-    sampler: Literal["random", "length_grouped", "sequential"] = "random"
-    truncation: Literal["right", "drop"] = "right"
-    num_workers: int = Field(0, ge=0)
-    seed: int = 1024
-    pack_buffer: int = Field(8192, ge=1)
-    cache_dir: Optional[str] = None
+    """The training data: files, template, packing, order."""
+
+    datasets: list[DatasetConfig] = Field(default_factory=list, description="One or more datasets, mixed by weight.")
+    eval_datasets: list[DatasetConfig] = Field(default_factory=list, description="Held-out datasets evaluated "
+                                                                                 "every train.eval_every steps.")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the training samples held out for "
+                                                           "evaluation instead of eval_datasets (0 = none).")
+    template: str = Field("tokenizer", description="tokenizer (its own Jinja chat template) | chatml | qwen_chat | "
+                                                   "internlm2_chat | llama3_chat | llama2_chat | mistral | default.")
+    max_length: int = Field(2048, ge=2, description="Tokens per row: samples longer are truncated or dropped, "
+                                                    "packed rows hold up to this many.")
+    packing: Literal["none", "soft", "hard"] = Field(
+        "soft", description="none | soft (whole samples per row, best-fit decreasing) | hard (concatenate and "
+                            "cut at max_length).")
+    sampler: Literal["random", "length_grouped", "sequential"] = Field(
+        "random", description="random | length_grouped (XTuner's LengthGroupedSampler) | sequential.")
+    truncation: Literal["right", "drop"] = Field("right", description="right (cut a too-long sample at max_length) "
+                                                                      "| drop (skip it, counted).")
+    num_workers: int = Field(0, ge=0, description="Accepted for compatibility and unused: data is tokenized and "
+                                                  "packed before training and rows are read from memory.")
+    seed: int = Field(1024, description="Seed of the shuffle before packing and of dataset mixing.")
+    pack_buffer: int = Field(8192, ge=1, description="Samples per best-fit-decreasing buffer (bounds packing memory).")
+    cache_dir: Optional[str] = Field(None, description="Where tokenized and packed data is cached; null = "
+                                                       "$TUNEFORGE_CACHE or ~/.cache/tuneforge/data.")
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(1, gt=0)
-    gradient_accumulation: int = Field(1, gt=0)
-    epochs: int = Field(1, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0)
-    lr: float = Field(2.0e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.03, ge=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, ge=0)
-    seed: int = 42
-    save_every: int = Field(0, ge=0)
-    keep_last: int = Field(2, ge=1)
-    eval_every: int = Field(0, ge=0)
-    eval_prompts: list[str] = Field(default_factory=list)
-    work_dir: str = "runs/default"
-    loss_chunk_size: int = Field(1024, gt=0)
-    cpu_heap_trim_every: int = Field(5, ge=0)  # CPU: give freed heap back to the OS every N decoder layers of forward
-    skip_nonfinite: bool = False
-    log_every: int = Field(1, gt=0)
+    """The optimization: batch, schedule, checkpoints, evaluation, logging."""
+
+    micro_batch_size: int = Field(1, gt=0, description="Rows per forward pass on each data-parallel rank.")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step; the loss is averaged "
+                                                            "over all loss tokens of the step.")
+    epochs: int = Field(1, gt=0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps to run; overrides epochs (null = "
+                                                             "epochs decide).")
+    lr: float = Field(2.0e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of the steps with a linear warmup to lr.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="cosine | linear | constant: the decay after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="The schedule ends at min_lr_ratio x lr.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = no clipping).")
+    seed: int = Field(42, description="Seed of model initialisation (LoRA), dropout and the sampler.")
+    save_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only final/).")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps when eval data exists (0 = never).")
+    eval_prompts: list[str] = Field(default_factory=list, description="Prompts whose generations are logged at "
+                                                                      "each evaluation.")
+    work_dir: str = Field("runs/default", description="The run directory: config.yaml, metrics.jsonl, "
+                                                      "checkpoints/, final/.")
+    loss_chunk_size: int = Field(1024, gt=0, description="Loss tokens per chunk of the LM head + cross-entropy "
+                                                         "(fused when the head is frozen); bounds logits memory.")
+    cpu_heap_trim_every: int = Field(5, ge=0, description="CPU, eager: malloc_trim after every Nth decoder layer of "
+                                                          "forward (lower peak RSS, ~10% slower); 0 = off.")
+    skip_nonfinite: bool = Field(False, description="Skip (and count) steps with a NaN/inf loss instead of stopping.")
+    log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N steps.")
 
 
 class ParallelConfig(Section):
-    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = "auto"
-    zero: Literal[1, 2, 3] = 3
-    offload: bool = False
-    sequence_parallel: int = Field(1, ge=1)
-    tensor_parallel: int = Field(1, ge=1)
-    timeout_s: float = Field(1800.0, gt=0)  # a collective waiting longer (a hung rank) fails, naming the rank
+    """How several processes share the work."""
+
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto | single | ddp | fsdp | deepspeed; auto = single for one process, FSDP2 for "
+                            "several (DDP with zero: 1).")
+    zero: Literal[1, 2, 3] = Field(3, description="FSDP: 3 = parameters, gradients and optimizer state sharded, "
+                                                  "2 = parameters kept between forward and backward; DeepSpeed: "
+                                                  "the ZeRO stage 1/2/3.")
+    offload: bool = Field(False, description="Keep shards and the optimizer step on the CPU (FSDP, DeepSpeed).")
+    sequence_parallel: int = Field(1, ge=1, description="Ulysses sequence-parallel group size (FSDP); must divide "
+                                                        "the number of ranks with tensor_parallel.")
+    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel group size (FSDP, Llama-family layers).")
+    timeout_s: float = Field(1800.0, gt=0, description="A collective waiting longer fails, naming the rank that "
+                                                       "stopped responding.")
 
 
 class Config(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """A run: model, data, train and parallel sections."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to fine-tune and how it runs.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The training and evaluation data: files, "
+                                                                     "template, packing, order.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The optimization: batch, schedule, "
+                                                                        "checkpoints, evaluation, logging.")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="How several processes share "
+                                                                                 "the work.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -1,0 +1,1 @@
+"""`tuneforge convert-config`: XTuner and InternEvo `.py` configs as tuneforge YAML (see `run.py`)."""
