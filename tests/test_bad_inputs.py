@@ -100,6 +100,9 @@ CONFIG_CASES = [
     ("max_length below 2", {"data": {"max_length": 1}}, "data.max_length: input should be greater than or equal to 2"),
     ("unknown template", {"data": {"template": "llama9"}}, "unknown template 'llama9'"),
     ("quantization without lora", {"model": {"quantization": {"bits": 4}}}, "needs model.lora"),
+    ("eval_split without eval_every", {"data": {"eval_split": 0.3}},
+     r"data.eval_split is 0.3 but train.eval_every is 0: 30% of the data would be held out"),
+    ("eval_every without eval data", {"train": {"eval_every": 2}}, r"train.eval_every is 2 but there is no eval data"),
 ]
 
 
@@ -124,6 +127,27 @@ def test_yaml_errors_and_missing_config(capsys, tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     expect(capsys, "must be a mapping of sections", "train", tmp_path / "list.yaml")
     expect(capsys, "config file not found", "train", tmp_path / "missing.yaml")
+
+
+def test_duplicate_yaml_key(capsys, tmp_path, model_dir):
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    path = config(tmp_path, model_dir)
+    path.write_text(path.read_text() + "train:\n  lr: 1.0e-3\n")
+    lines = path.read_text().splitlines()
+    expect(capsys, rf"c\.yaml:{len(lines) - 1}: duplicate key 'train' \(first on line \d+\)", "train", path)
+
+
+def test_missing_path_hint_names_where_the_path_was_written(capsys, tmp_path, model_dir):
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    cfg = config(tmp_path, model_dir)
+    expect(capsys, r"data file not found: .*nope.jsonl \(data.datasets.0.path was given on the command line; paths on "
+                   r"the command line are relative to the working directory\)", "train", cfg,
+           "data.datasets.0.path=nope.jsonl")
+    cfg = config(tmp_path, model_dir, name="nope.jsonl")
+    expect(capsys, r"data file not found: .*nope.jsonl \(data.datasets.0.path is set at .*c\.yaml:\d+; paths in a "
+                   r"config file are relative to the file", "train", cfg)
+    expect(capsys, r"model folder not found: .*nowhere \(model.path was given on the command line", "train", cfg,
+           f"model.path={tmp_path / 'nowhere'}")
 
 
 def test_bad_override(capsys, tmp_path, model_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _config(args):
@@ -19,19 +20,30 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
-def cmd_check_data(args) -> int:
-    from tuneforge.check_data import run_check_data
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
+
+def cmd_check_data(args) -> int:
     cfg = _config(args)
     if args.print_config:
         return _print_config(cfg)
+    from tuneforge.preflight import check_before_loading  # before torch: a wrong path fails at once
+
+    check_before_loading(cfg)
+    from tuneforge.check_data import run_check_data
+
     return run_check_data(cfg, show=args.show, as_json=args.json)
 
 
 def cmd_tokenize(args) -> int:
+    from tuneforge.preflight import check_before_loading
+
+    cfg = _config(args)
+    check_before_loading(cfg)
     from tuneforge.data.internevo import run_tokenize
 
-    return run_tokenize(_config(args), args.out_dir)
+    return run_tokenize(cfg, args.out_dir)
 
 
 def _print_config(cfg) -> int:
@@ -42,11 +54,16 @@ def _print_config(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    from tuneforge.train.run import run_train
-
     cfg = _config(args)
+    if args.work_dir:  # a command-line path: relative to the working directory
+        cfg.train.work_dir = str(Path(args.work_dir).expanduser().resolve())
     if args.print_config:
         return _print_config(cfg)
+    from tuneforge.preflight import check_before_loading  # before torch: a wrong path fails at once
+
+    check_before_loading(cfg, training=True, warn=_warn)
+    from tuneforge.train.run import run_train
+
     return run_train(cfg, args)
 
 
