@@ -52,7 +52,7 @@ def run_check_data(cfg, show: int = 0, as_json: bool = False) -> int:
     from tuneforge.data.summary import count_text, files_lines, warning_lines
     from tuneforge.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     log = (lambda m: print(m, file=sys.stderr)) if not as_json else (lambda m: None)
     data = build_data(cfg, tokenizer, log=log)
     report = data.report

@@ -9,6 +9,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -132,6 +133,26 @@ def cmd_copy_config(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models, from one CPU to many GPUs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -197,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("plan", cmd_plan, "estimate per-device memory and the smallest change that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.add_argument("--gpus", type=int, default=None, metavar="N", help="number of GPUs (default: one CPU process)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="memory per device")
+    p.add_argument("--gpus", type=_positive_int, default=None, metavar="N", help="number of GPUs (default: one CPU process)")
+    p.add_argument("--gpu-memory", type=_positive_number, default=None, metavar="GB", help="memory per device")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = verb("list-configs", cmd_list_configs, "list the shipped recipes")

@@ -282,7 +282,7 @@ def tokenize_to_internevo(cfg, out_dir: str | Path, *, cache_root: Path | None =
     data_cfg = cfg.data
     if not data_cfg.datasets:
         raise DataError("no datasets configured", hint="set data.datasets: [{path: ..., format: ...}]")
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     needs_template = any(e.format != "internevo" for e in data_cfg.datasets)
     template = get_template(data_cfg.template, tokenizer) if needs_template else None
     root = Path(cache_root or data_cfg.cache_dir or cache.default_cache_dir())

@@ -73,7 +73,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     device = ctx.device
 
     # ---- data: tokenized and packed once (cached), rows assigned to this data-parallel rank
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     data = ctx.main_first(lambda: build_data(cfg, tokenizer, log=log if ctx.is_main else (lambda m: None)))
     for line in summary_lines(data.report):  # the counts check-data prints, and a warning if many were dropped
         log(line)
