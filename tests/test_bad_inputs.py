@@ -230,3 +230,38 @@ def test_parallel_mesh_mistakes(capsys, tmp_path, model_dir, monkeypatch):
     expect(capsys, r"tensor_parallel > 1 does not work with LoRA", "train", cfg, "parallel.tensor_parallel=2",
            "model.lora.r=4")
     assert nothing_written(tmp_path)
+
+
+def test_small_message_bugs(capsys, tmp_path, model_dir):
+    """Each message names the right thing: chat's own --template, a model (not tokenizer) folder,
+    the whole tokenizer error, plan's argument ranges."""
+    no_template = tmp_path / "no_template"
+    shutil.copytree(model_dir, no_template)
+    tok_cfg = json.loads((no_template / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    expect(capsys, r"the tokenizer in .*no_template has no chat template \(pass --template NAME, one of: chatml",
+           "chat", no_template, "--prompt", "hi")
+    expect(capsys, r"--template: unknown template 'chatmll' \(did you mean 'chatml'\?\)", "chat", model_dir,
+           "--template", "chatmll", "--prompt", "hi")
+    expect(capsys, r"model folder not found: .*nowhere", "chat", tmp_path / "nowhere", "--prompt", "hi")
+    from tuneforge.model.load import load_tokenizer
+    from tuneforge.errors import UserError
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(UserError, match=r"^model folder not found: .*nowhere"):
+        load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(UserError) as info:
+        load_tokenizer(no_tokenizer)
+    assert "\n" not in str(info.value) and not str(info.value).rstrip().endswith("from one of:"), str(info.value)
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    cfg = config(tmp_path, model_dir)
+    for args, message in ((["--gpus", "-3"], "--gpus: must be at least 1, got -3"),
+                          (["--gpu-memory", "nan"], "--gpu-memory: must be a finite number above 0, got nan"),
+                          (["--gpu-memory", "0"], "--gpu-memory: must be a finite number above 0, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", str(cfg), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -218,8 +218,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
                      "sampler": samplers, "model_path": cfg.model.path}
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last,
-                                 trainer=trainer, ctx=ctx)  # every rank takes part
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last, tokenizer,
+                                 trainer=trainer, ctx=ctx)  # every rank takes part; the tokenizer makes it exportable
         if stopping:
             progress.close()
             log(f"received {stop.signal or 'a stop signal on another rank'}: saved checkpoint at step {step}; "
