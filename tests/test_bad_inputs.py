@@ -100,6 +100,9 @@ CONFIG_CASES = [
     ("max_length below 2", {"data": {"max_length": 1}}, "data.max_length: input should be greater than or equal to 2"),
     ("unknown template", {"data": {"template": "llama9"}}, "unknown template 'llama9'"),
     ("quantization without lora", {"model": {"quantization": {"bits": 4}}}, "needs model.lora"),
+    ("eval_split without eval_every", {"data": {"eval_split": 0.3}},
+     r"data.eval_split is 0.3 but train.eval_every is 0: 30% of the data would be held out"),
+    ("eval_every without eval data", {"train": {"eval_every": 2}}, r"train.eval_every is 2 but there is no eval data"),
 ]
 
 
@@ -124,6 +127,27 @@ def test_yaml_errors_and_missing_config(capsys, tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     expect(capsys, "must be a mapping of sections", "train", tmp_path / "list.yaml")
     expect(capsys, "config file not found", "train", tmp_path / "missing.yaml")
+
+
+def test_duplicate_yaml_key(capsys, tmp_path, model_dir):
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    path = config(tmp_path, model_dir)
+    path.write_text(path.read_text() + "train:\n  lr: 1.0e-3\n")
+    lines = path.read_text().splitlines()
+    expect(capsys, rf"c\.yaml:{len(lines) - 1}: duplicate key 'train' \(first on line \d+\)", "train", path)
+
+
+def test_missing_path_hint_names_where_the_path_was_written(capsys, tmp_path, model_dir):
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    cfg = config(tmp_path, model_dir)
+    expect(capsys, r"data file not found: .*nope.jsonl \(data.datasets.0.path was given on the command line; paths on "
+                   r"the command line are relative to the working directory\)", "train", cfg,
+           "data.datasets.0.path=nope.jsonl")
+    cfg = config(tmp_path, model_dir, name="nope.jsonl")
+    expect(capsys, r"data file not found: .*nope.jsonl \(data.datasets.0.path is set at .*c\.yaml:\d+; paths in a "
+                   r"config file are relative to the file", "train", cfg)
+    expect(capsys, r"model folder not found: .*nowhere \(model.path was given on the command line", "train", cfg,
+           f"model.path={tmp_path / 'nowhere'}")
 
 
 def test_bad_override(capsys, tmp_path, model_dir):
@@ -206,3 +230,38 @@ def test_parallel_mesh_mistakes(capsys, tmp_path, model_dir, monkeypatch):
     expect(capsys, r"tensor_parallel > 1 does not work with LoRA", "train", cfg, "parallel.tensor_parallel=2",
            "model.lora.r=4")
     assert nothing_written(tmp_path)
+
+
+def test_small_message_bugs(capsys, tmp_path, model_dir):
+    """Each message names the right thing: chat's own --template, a model (not tokenizer) folder,
+    the whole tokenizer error, plan's argument ranges."""
+    no_template = tmp_path / "no_template"
+    shutil.copytree(model_dir, no_template)
+    tok_cfg = json.loads((no_template / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    expect(capsys, r"the tokenizer in .*no_template has no chat template \(pass --template NAME, one of: chatml",
+           "chat", no_template, "--prompt", "hi")
+    expect(capsys, r"--template: unknown template 'chatmll' \(did you mean 'chatml'\?\)", "chat", model_dir,
+           "--template", "chatmll", "--prompt", "hi")
+    expect(capsys, r"model folder not found: .*nowhere", "chat", tmp_path / "nowhere", "--prompt", "hi")
+    from tuneforge.model.load import load_tokenizer
+    from tuneforge.errors import UserError
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((model_dir / "config.json").read_text())
+    with pytest.raises(UserError, match=r"^model folder not found: .*nowhere"):
+        load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(UserError) as info:
+        load_tokenizer(no_tokenizer)
+    assert "\n" not in str(info.value) and not str(info.value).rstrip().endswith("from one of:"), str(info.value)
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(5))
+    cfg = config(tmp_path, model_dir)
+    for args, message in ((["--gpus", "-3"], "--gpus: must be at least 1, got -3"),
+                          (["--gpu-memory", "nan"], "--gpu-memory: must be a finite number above 0, got nan"),
+                          (["--gpu-memory", "0"], "--gpu-memory: must be a finite number above 0, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", str(cfg), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

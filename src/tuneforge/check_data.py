@@ -49,13 +49,16 @@ def sample_lengths(data) -> np.ndarray:
 
 def run_check_data(cfg, show: int = 0, as_json: bool = False) -> int:
     from tuneforge.data.dataset import build_data
+    from tuneforge.data.summary import count_text, files_lines, warning_lines
     from tuneforge.model.load import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     log = (lambda m: print(m, file=sys.stderr)) if not as_json else (lambda m: None)
     data = build_data(cfg, tokenizer, log=log)
     report = data.report
     if as_json:
+        for line in warning_lines(report):
+            print(line, file=sys.stderr)
         print(json.dumps({**{k: report[k] for k in JSON_FIELDS}, "packing": report["packing"],
                           "datasets": report["datasets"]}))
         return 0
@@ -66,7 +69,7 @@ def run_check_data(cfg, show: int = 0, as_json: bool = False) -> int:
             # shift the mask so a token is highlighted where it is a training target
             print(render_highlighted(tokenizer, ids, trained, color))
     r = report
-    print(f"samples           {r['samples']:>12,}   (dropped {r['dropped']:,}, truncated {r['truncated']:,})")
+    print(f"samples           {r['samples']:>12,}   ({count_text(r)})")
     print(f"tokens            {r['tokens']:>12,}")
     print(f"loss tokens       {r['loss_tokens']:>12,}   ({r['loss_tokens'] / max(r['tokens'], 1):.1%} of tokens)")
     print(f"rows ({r['packing']:<4})       {r['packs']:>12,}   max_length {r['max_length']}")
@@ -74,6 +77,10 @@ def run_check_data(cfg, show: int = 0, as_json: bool = False) -> int:
     if len(r["datasets"]) > 1:
         for d in r["datasets"]:
             print(f"  {d['path']}: weight {d['weight']}, {d['samples_used']:,} samples used, {d['tokens']:,} tokens")
+    print("files:")
+    print("\n".join(files_lines(r)))
     print("sample lengths:")
     print("\n".join(histogram(sample_lengths(data), r["max_length"])))
+    for line in warning_lines(r):
+        print(line, file=sys.stderr)
     return 0

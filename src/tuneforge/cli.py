@@ -9,8 +9,10 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 
 def _config(args):
@@ -19,19 +21,30 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
-def cmd_check_data(args) -> int:
-    from tuneforge.check_data import run_check_data
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
+
+def cmd_check_data(args) -> int:
     cfg = _config(args)
     if args.print_config:
         return _print_config(cfg)
+    from tuneforge.preflight import check_before_loading  # before torch: a wrong path fails at once
+
+    check_before_loading(cfg)
+    from tuneforge.check_data import run_check_data
+
     return run_check_data(cfg, show=args.show, as_json=args.json)
 
 
 def cmd_tokenize(args) -> int:
+    from tuneforge.preflight import check_before_loading
+
+    cfg = _config(args)
+    check_before_loading(cfg)
     from tuneforge.data.internevo import run_tokenize
 
-    return run_tokenize(_config(args), args.out_dir)
+    return run_tokenize(cfg, args.out_dir)
 
 
 def _print_config(cfg) -> int:
@@ -42,11 +55,16 @@ def _print_config(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    from tuneforge.train.run import run_train
-
     cfg = _config(args)
+    if args.work_dir:  # a command-line path: relative to the working directory
+        cfg.train.work_dir = str(Path(args.work_dir).expanduser().resolve())
     if args.print_config:
         return _print_config(cfg)
+    from tuneforge.preflight import check_before_loading  # before torch: a wrong path fails at once
+
+    check_before_loading(cfg, training=True, warn=_warn)
+    from tuneforge.train.run import run_train
+
     return run_train(cfg, args)
 
 
@@ -121,6 +139,26 @@ def cmd_convert_config(args) -> int:
     return run_convert(args.file, args.out, args.gpus, args.deepspeed, args.force)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description="Fine-tune causal language models, from one CPU to many GPUs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -187,14 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("plan", cmd_plan, "estimate per-device memory and the smallest change that fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p.add_argument("--gpus", type=int, default=None, metavar="N", help="number of GPUs (default: one CPU process)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="memory per device")
+    p.add_argument("--gpus", type=_positive_int, default=None, metavar="N", help="number of GPUs (default: one CPU process)")
+    p.add_argument("--gpu-memory", type=_positive_number, default=None, metavar="GB", help="memory per device")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = verb("convert-config", cmd_convert_config, "turn an XTuner or InternEvo .py config into a tuneforge YAML")
     p.add_argument("file", help="the XTuner (mmengine) or InternEvo .py config; read, never executed")
     p.add_argument("-o", "--out", metavar="OUT.yaml", help="write here (default: print)")
-    p.add_argument("--gpus", type=int, default=None, metavar="N", help="GPUs the global batch assumes (default 8)")
+    p.add_argument("--gpus", type=_positive_int, default=None, metavar="N", help="GPUs the global batch assumes (default 8)")
     p.add_argument("--deepspeed", metavar="NAME|FILE.json", help="XTuner's --deepspeed choice (deepspeed_zero2 ...)")
     p.add_argument("--force", action="store_true", help="replace an existing -o file")
 

@@ -2,8 +2,9 @@
 
 A config is a YAML file shaped like `Config` below. Unknown keys and wrong types are
 `ConfigError`s that name the file and line, the dotted key, what was expected and, where a
-close name exists, a "did you mean" suggestion. Paths written in the file are resolved
-relative to the file; paths given as command-line overrides relative to the working dir.
+close name exists, a "did you mean" suggestion; a key written twice is an error at its second
+line. Every path written in the file (train.work_dir too) is resolved relative to the file;
+paths given as command-line overrides relative to the working dir.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tuneforge.errors import ConfigError, did_you_mean
 
@@ -161,6 +162,7 @@ class ParallelConfig(Section):
 class Config(Section):
     """A run: model, data, train and parallel sections."""
 
+    _path_sources: dict = PrivateAttr(default_factory=dict)  # dotted path key -> "file:line" | "command line"
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model to fine-tune and how it runs.")
     data: DataConfig = Field(default_factory=DataConfig, description="The training and evaluation data: files, "
                                                                      "template, packing, order.")
@@ -178,7 +180,7 @@ class Config(Section):
 
 # ----------------------------------------------------------------------------- loading
 
-PATH_KEYS = ("model.path", "data.cache_dir")
+PATH_KEYS = ("model.path", "data.cache_dir", "train.work_dir")
 DATASET_LISTS = ("datasets", "eval_datasets")
 
 
@@ -196,6 +198,10 @@ def _line_index(text: str, filename: str) -> dict[tuple, int]:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 sub = path + (key.value,)
+                if sub in lines:  # YAML would keep the last silently
+                    dotted = ".".join(str(p) for p in sub)
+                    raise ConfigError(f"duplicate key '{dotted}' (first on line {lines[sub]})",
+                                      where=f"{filename}:{key.start_mark.line + 1}", hint="keep one of them")
                 lines[sub] = key.start_mark.line + 1
                 walk(value, sub)
         elif isinstance(node, yaml.SequenceNode):
@@ -304,9 +310,10 @@ def _resolve_paths(tree: dict, base: Path) -> None:
             return str((base / value).resolve())
         return str(Path(value).expanduser()) if isinstance(value, str) and value else value
 
-    model = tree.get("model")
-    if isinstance(model, dict) and "path" in model:
-        model["path"] = fix(model["path"])
+    for section, key in (("model", "path"), ("train", "work_dir")):
+        values = tree.get(section)
+        if isinstance(values, dict) and key in values:
+            values[key] = fix(values[key])
     data = tree.get("data")
     if isinstance(data, dict):
         if "cache_dir" in data and data["cache_dir"]:
@@ -323,8 +330,29 @@ def _is_path_key(parts: list[str]) -> bool:
     return len(parts) == 4 and parts[0] == "data" and parts[1] in DATASET_LISTS and parts[3] == "path"
 
 
+def _path_sources(tree: dict, lines: dict, filename: str, overridden: set) -> dict[str, str]:
+    """Where each path value came from: `"<file>:<line>"` or `"command line"`, by dotted key."""
+    keys = [tuple(k.split(".")) for k in PATH_KEYS]
+    data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    for name in DATASET_LISTS:
+        keys += [("data", name, i, "path") for i in range(len(data.get(name) or []))]
+    sources = {}
+    for key in keys:
+        dotted = ".".join(str(p) for p in key)
+        if tuple(str(p) for p in key) in overridden:
+            sources[dotted] = "command line"
+        elif key in lines:
+            sources[dotted] = f"{filename}:{lines[key]}"
+    return sources
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Read a YAML config (or start from `base`), apply `key=value` overrides, validate."""
+    """Read a YAML config (or start from `base`), apply `key=value` overrides, validate.
+
+    Every path written in the file (model.path, data paths, data.cache_dir, train.work_dir)
+    is relative to the file; a path given as an override is relative to the working dir.
+    `config_path_source(cfg, key)` says which, for messages about a missing path.
+    """
     lines: dict[tuple, int] = {}
     filename = "<overrides>"
     if path is not None:
@@ -351,9 +379,16 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         except (IndexError, ValueError):
             raise ConfigError(f"override {item}: no such list entry") from None
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as exc:
         raise _explain(exc, lines, filename, overridden) from None
+    config._path_sources = _path_sources(tree, lines, filename, overridden)
+    return config
+
+
+def config_path_source(config: Config, key: str) -> str:
+    """`"c.yaml:7"`, `"command line"` or `""` (unknown): where the path at dotted `key` was written."""
+    return config._path_sources.get(key, "")
 
 
 def dump_config(config: Config) -> str:

@@ -147,3 +147,18 @@ def test_real_smollm2(tmp_path):
     ids = tokenizer(prompt, return_tensors="pt")
     answer = model.generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1] :]
     assert "5" in tokenizer.decode(answer, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("keep", [9, 200, 0.5])
+def test_truncated_file_is_one_clear_line(tmp_path, tiny_model, tiny_tokenizer, capsys, keep):
+    from tuneforge.cli import main
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_model(len(tiny_tokenizer)), tiny_tokenizer)
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    cut = int(len(data) * keep) if isinstance(keep, float) else keep
+    (tmp_path / "cut.gguf").write_bytes(data[:cut])
+    assert main(["import-gguf", str(tmp_path / "cut.gguf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot import") and "error: error" not in err and len(err.splitlines()) == 1, err
+    assert "so it is truncated or corrupt" in err, err
+    assert not (tmp_path / "out").exists()

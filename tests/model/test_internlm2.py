@@ -376,3 +376,67 @@ def test_merged_lora_is_written_as_internlm2(tmp_path, tiny_tokenizer):
     merged = load_model(ModelConfig(path=str(out), dtype="float32")).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_adapter_records_the_internlm2_base_and_export_merges_it(tmp_path, tiny_tokenizer):
+    from tuneforge.config import LoraConfig
+    from tuneforge.model.export import export_checkpoint
+    from tuneforge.model.lora import apply_lora
+
+    cfg = internlm2_config()
+    folder = write_internlm2(tmp_path / "internlm2", cfg, internlm2_state(cfg))
+    model = apply_lora(load_model(ModelConfig(path=str(folder), dtype="float32")), LoraConfig(r=4, dropout=0.0))
+    model.save_pretrained(tmp_path / "adapter")
+    tiny_tokenizer.save_pretrained(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(folder)
+    out = export_checkpoint(tmp_path / "adapter", tmp_path / "merged", merge_lora=True)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "internlm2"
+
+
+ROPE_FORMS = [  # (InternLM2's own keys, the same in transformers 5's rope_parameters form)
+    ({"rope_theta": 500000, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500000}}),
+    ({"rope_theta": 1000000, "rope_scaling": {"type": "linear", "factor": 3.0}},
+     {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 1000000}}),
+    ({"rope_theta": 20000, "rope_scaling": None}, {"rope_parameters": {"rope_type": "default", "rope_theta": 20000}}),
+]
+
+
+@pytest.mark.parametrize("legacy,new", ROPE_FORMS, ids=["dynamic", "linear", "default"])
+def test_rope_parameters_form_equals_rope_scaling_form(tmp_path, legacy, new):
+    """A config.json with only `rope_parameters` keeps theta and scaling: same config, same logits
+    as the reference forward of the legacy form, also past max_position_embeddings."""
+    old_cfg = internlm2_config(max_position_embeddings=8, **legacy)
+    new_cfg = {k: v for k, v in internlm2_config(max_position_embeddings=8, **new).items()
+               if k not in ("rope_theta", "rope_scaling")}
+    assert internlm2_config_to_llama(new_cfg).rope_parameters == internlm2_config_to_llama(old_cfg).rope_parameters
+    sd = internlm2_state(old_cfg)
+    model = load_internlm2_as_llama(write_internlm2(tmp_path / "new", new_cfg, sd), torch.float32,
+                                    attn_implementation="eager").eval()
+    reference = load_internlm2_as_llama(write_internlm2(tmp_path / "old", old_cfg, sd), torch.float32,
+                                        attn_implementation="eager").eval()
+    with torch.no_grad():  # short first: transformers' dynamic RoPE keeps its longest-seen scaling
+        torch.testing.assert_close(model(input_ids=IDS[:, :8]).logits, reference_logits(sd, old_cfg, IDS[:, :8]),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_tokenizer_of_a_remote_code_folder_never_prompts(tmp_path, tiny_tokenizer, capsys):
+    """A folder whose tokenizer_config.json names remote code (as InternLM2 outputs do) loads the
+    fast tokenizer from tokenizer.json with remote code off: no "[y/N]" prompt, no code run."""
+    from tuneforge.model.load import load_tokenizer
+
+    cfg = internlm2_config()
+    folder = write_internlm2(tmp_path / "internlm2", cfg, internlm2_state(cfg))
+    tiny_tokenizer.save_pretrained(folder)
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": ["tokenization_internlm2.T", "tokenization_internlm2_fast.T"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    for name in ("tokenization_internlm2.py", "tokenization_internlm2_fast.py"):
+        (folder / name).write_text("raise RuntimeError('remote tokenizer code was executed')\n")
+    tok = load_tokenizer(folder)
+    captured = capsys.readouterr()
+    assert "custom code" not in captured.out + captured.err
+    assert tok.is_fast and tok.encode("<|im_end|>", add_special_tokens=False) == [
+        tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")]

@@ -35,6 +35,8 @@ class TokenStore:
     origin: np.ndarray
     counts: dict
     key: str  # the cache key of this tokenization
+    files: list = field(default_factory=list)  # the files read
+    issues: dict = field(default_factory=dict)  # {kind: [count, first where]}: see records.conversation_issues
 
 
 @dataclass
@@ -80,6 +82,7 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
         from tuneforge.data import internevo
 
         key = cache.make_key(internevo.cache_parts(entry, data_cfg))
+        files = internevo.internevo_files(entry.path)
     else:
         files = data_files(entry.path)
         key = cache.make_key({
@@ -91,17 +94,19 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
         })
     hit = cache.load_entry(root, key)
     note = None
+    issues: dict = {}
     if hit is None:
         started = time.time()
         if pretokenized:
             enc = _read_internevo_with_progress(entry, data_cfg)
         else:
-            samples = read_samples(entry.path, entry.format, entry.columns, entry.system)
+            samples = read_samples(entry.path, entry.format, entry.columns, entry.system, issues=issues)
             if not samples:
                 raise DataError(f"dataset {entry.path} is empty")
             enc = _encode_with_progress(samples, template, tokenizer, data_cfg, Path(entry.path).name)
         cache.save_entry(root, key, {"tokens": enc.tokens, "trained": enc.trained, "offsets": enc.offsets,
-                                     "origin": enc.origin}, {"counts": enc.counts, "path": str(entry.path)})
+                                     "origin": enc.origin}, {"counts": enc.counts, "path": str(entry.path),
+                                                               "issues": issues})
         hit = cache.load_entry(root, key)
         note = f"tokenized {entry.path}: {enc.counts['samples']} samples in {time.time() - started:.1f}s"
     arrays, meta = hit
@@ -117,7 +122,7 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
     if note:
         log(note)
     return TokenStore(str(entry.path), arrays["tokens"], arrays["trained"], arrays["offsets"], arrays["origin"],
-                      counts, key)
+                      counts, key, [str(f) for f in files], meta.get("issues") or {})
 
 
 def _read_internevo_with_progress(entry, data_cfg) -> Encoded:
@@ -217,7 +222,9 @@ def summarize(data: PackedData, packing: str, weights: list[float], micro_batch_
         token_counts[index] = int((mine[:, 2] - mine[:, 1]).sum()) if len(mine) else 0
         per_dataset.append({"path": store.name, "weight": weights[index], "samples_read": store.counts["samples"],
                             "samples_used": int(len(mine)) if packing != "hard" else int(sample_counts[index]),
-                            "tokens": int(token_counts[index]), **{k: store.counts[k] for k in ("dropped", "truncated")}})
+                            "tokens": int(token_counts[index]), **{k: store.counts[k] for k in ("dropped", "truncated")},
+                            "drop_reasons": {k: store.counts[k] for k in ("too_long", "no_loss", "short") if store.counts.get(k)},
+                            "files": store.files, "issues": store.issues})
     packs = len(data)
     if packing == "none":  # padded per micro-batch, in the packed (shuffled) order
         groups = [lengths[i: i + micro_batch_size] for i in range(0, packs, micro_batch_size)]

@@ -11,7 +11,7 @@ a `{` at every offset, token counts) and parses each line's JSON from its own by
 result is an `Encoded`, so the cache, packing and collation treat it like any tokenized
 dataset. Conventions kept from InternEvo/XTuner:
 - file order: InternEvo's `os.walk(folder, followlinks=True)` with sorted folders and files
-  (a folder's own files before its sub-folders). XTuner's `data_order_path` is supported as a
+  (a folder's own files before its sub-folders; dot-files and dot-folders skipped). XTuner's `data_order_path` is supported as a
   file named `data_order.txt` in the dataset folder: one `.bin` path per line, relative to the
   folder (blank lines and `#` comments skipped); only the files it lists are read, in its order.
 - `min_length` (dataset entry key): lines with fewer tokens are skipped (InternEvo keeps
@@ -75,8 +75,8 @@ def internevo_files(path: str | Path) -> list[Path]:
     else:
         files = []
         for folder, dirs, names in os.walk(root, followlinks=True):
-            dirs.sort()
-            files.extend(Path(folder) / name for name in sorted(names) if name.endswith(".bin"))
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .ipynb_checkpoints/ etc. are not data
+            files.extend(Path(folder) / name for name in sorted(names) if name.endswith(".bin") and not name.startswith("."))
     if not files:
         raise DataError(f"folder {root} holds no .bin files", hint="format internevo reads InternEvo/ftdp .bin + .bin.meta")
     return files
@@ -282,7 +282,7 @@ def tokenize_to_internevo(cfg, out_dir: str | Path, *, cache_root: Path | None =
     data_cfg = cfg.data
     if not data_cfg.datasets:
         raise DataError("no datasets configured", hint="set data.datasets: [{path: ..., format: ...}]")
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     needs_template = any(e.format != "internevo" for e in data_cfg.datasets)
     template = get_template(data_cfg.template, tokenizer) if needs_template else None
     root = Path(cache_root or data_cfg.cache_dir or cache.default_cache_dir())

@@ -21,6 +21,7 @@ import torch
 
 from tuneforge.config import ModelConfig
 from tuneforge.errors import UserError
+from tuneforge.model.adapter_base import check_adapter_base
 from tuneforge.model.load import load_model, load_tokenizer, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -123,6 +124,7 @@ def merge_adapter(
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
+    check_adapter_base(base_dir, adapter)  # trained on another base: one line naming both
     base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     tokenizer = load_tokenizer(adapter if has_tokenizer(adapter) else base_dir)  # InternLM2 bases too

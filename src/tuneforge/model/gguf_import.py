@@ -8,6 +8,7 @@ chat template the file carries) to `out_dir` atomically.
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_complete(file)
     folder, name = str(file.resolve().parent), file.name
     extra = {}
     if hasattr(transformers, "GgufConfig"):  # newer transformers may keep weights packed otherwise
@@ -38,3 +40,18 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     return save_hf_folder(model, tokenizer, out_dir)
+
+
+def _check_complete(file: Path) -> None:
+    """Read the header and tensor table with gguf's own reader: a truncated file is one clear line."""
+    from gguf import GGUFReader
+
+    with file.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UserError(f"cannot import {file}: it does not start with the GGUF magic bytes, so it is not a GGUF file")
+    try:
+        GGUFReader(str(file))
+    except (struct.error, EOFError, ValueError, IndexError) as exc:  # the reader ran past the end of the file
+        raise UserError(f"cannot import {file}: it ends before its header and tensor table say it should, so it is "
+                        f"truncated or corrupt ({file.stat().st_size:,} bytes; {exc})",
+                        hint="download or copy it again") from None

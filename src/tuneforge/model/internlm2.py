@@ -2,7 +2,7 @@
 
 Owns: recognising an InternLM2 Hugging Face folder (`model_type: internlm2`), turning its
 config into a `LlamaConfig` (`bias` -> `attention_bias`, `rope_theta`, `rope_scaling`
-dynamic/linear -> `rope_parameters`), renaming and splitting its weights into a
+dynamic/linear, or transformers 5's `rope_parameters` form -> `rope_parameters`), renaming and splitting its weights into a
 `LlamaForCausalLM` state dict and back (the fused `wqkv`), loading such a folder as a Llama
 model with `trust_remote_code` off, writing a model back in InternLM2's own names and
 config (`save_as_internlm2`), and building a fast tokenizer from InternLM2's SentencePiece
@@ -62,7 +62,7 @@ _TOP_NAMES = {
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # config keys that describe the remote code rather than the network
 _NOT_ARCHITECTURE = {"auto_map", "model_type", "architectures", "attn_implementation", "transformers_version",
-                     "torch_dtype", "dtype", "_name_or_path", "bias", "rope_scaling", "rope_theta"}
+                     "torch_dtype", "dtype", "_name_or_path", "bias", "rope_scaling", "rope_theta", "rope_parameters"}
 
 
 def _get(cfg, name, default=None):
@@ -98,8 +98,14 @@ def is_internlm2(folder: str | Path) -> bool:
 
 
 def _rope_parameters(cfg: dict) -> dict:
-    theta = float(cfg.get("rope_theta", 10000.0))
+    """RoPE theta and scaling from either form a config.json may carry: InternLM2's own
+    `rope_theta` + `rope_scaling` ({type, factor}), or the `rope_parameters` dict
+    ({rope_type, factor, rope_theta}) transformers 5 writes; the first form wins where both are."""
+    params = cfg.get("rope_parameters") or {}
+    theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
     scaling = cfg.get("rope_scaling")
+    if not scaling and params.get("rope_type", params.get("type", "default")) != "default":
+        scaling = params
     if not scaling:
         return {"rope_type": "default", "rope_theta": theta}
     kind = scaling.get("type", scaling.get("rope_type"))
@@ -266,6 +272,8 @@ def load_internlm2_as_llama(folder: str | Path, dtype: torch.dtype | str = torch
         except (OSError, ValueError):
             pass
     model._tuneforge_internlm2 = {"config": original, "folder": str(folder)}
+    model.config._name_or_path = str(folder)  # what a LoRA adapter records as its base_model_name_or_path
+    model.name_or_path = str(folder)
     return model
 
 

@@ -35,21 +35,27 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_tokenizer(path: str | Path):
-    """The fast tokenizer in `path`; a missing pad token is set to eos (or unk), vocab unchanged."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The fast tokenizer in `path`; a missing pad token is set to eos (or unk), vocab unchanged.
+
+    Remote code stays off unless `trust_remote_code` (model.trust_remote_code) is set, so a
+    folder whose tokenizer_config.json carries an `auto_map` (InternLM2's, and the folders
+    tuneforge writes from it) never makes transformers ask whether to run its Python.
+    """
     from transformers import AutoTokenizer
 
     from tuneforge.model.internlm2 import internlm2_folder_tokenizer, is_internlm2
 
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"tokenizer folder not found: {folder}", hint="check model.path")
+        raise UserError(f"model folder not found: {folder}", hint="check the path; models are never downloaded")
     try:
         tokenizer = internlm2_folder_tokenizer(folder) if is_internlm2(folder) else None
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from {folder}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load a tokenizer from {folder}: {_one_line(exc)}",
+                        hint="the folder needs tokenizer.json (or the files its tokenizer_config.json names)") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"the tokenizer in {folder} is not a fast tokenizer", hint="add a tokenizer.json")
     if tokenizer.pad_token is None:
@@ -159,7 +165,7 @@ def load_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the model in {cfg.path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load the model in {cfg.path}: {_one_line(exc)}") from None
 
     if quant is not None:
         from peft import prepare_model_for_kbit_training
@@ -187,6 +193,7 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _one_line(exc: BaseException) -> str:
+    """A library's multi-line message as one line, nothing cut off."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    return text or type(exc).__name__

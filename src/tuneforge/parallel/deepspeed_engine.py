@@ -295,7 +295,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> 
         warnings.filterwarnings("ignore", category=FutureWarning)
         merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir / ENGINE_DIR), tag=TAG)
     weights = {k.removeprefix(ROOT_PREFIX): v for k, v in merged.items()}
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # a checkpoint config: never remote code
     try:  # every weight is overwritten from the checkpoint: skip random initialisation
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers

@@ -159,7 +159,7 @@ def export_sharded(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> Pat
 
     ckpt_dir = Path(ckpt_dir)
     model_dir = ckpt_dir / "model"
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # a checkpoint config: never remote code
     try:  # every weight is overwritten from the checkpoint: skip random initialisation
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers

@@ -1,13 +1,20 @@
 """The shipped YAML recipes: listing them and copying one out to edit.
 
 Each recipe is a `*.yaml` file in this folder whose first comment line is its summary.
+Paths in a config are relative to its file, so `copy_recipe` rewrites every relative data or
+model path that points at something shipped or present (the demo data) to an absolute path:
+the copy then reads the same files from its new place. Placeholders that exist nowhere
+(`models/internlm2-7b`) and `train.work_dir` stay relative to the copy, comments and layout
+untouched.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import shutil
+import json
 from pathlib import Path
+
+import yaml
 
 from tuneforge.errors import UserError, did_you_mean
 
@@ -47,5 +54,35 @@ def copy_recipe(name: str, dest: str | Path) -> Path:
         target = target / src.name
     if target.exists():
         raise UserError(f"{target} already exists", hint="choose another destination")
-    shutil.copyfile(src, target)
+    target.write_text(_with_absolute_paths(src.read_text(), src.parent))
     return target
+
+
+def _path_nodes(root) -> list:
+    """The YAML scalar nodes of model.path, data.cache_dir and every data (eval) dataset path."""
+    def child(node, key):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    return v
+        return None
+
+    found = [child(child(root, "model"), "path"), child(child(root, "data"), "cache_dir")]
+    data = child(root, "data")
+    for name in ("datasets", "eval_datasets"):
+        entries = child(data, name)
+        for entry in entries.value if isinstance(entries, yaml.SequenceNode) else []:
+            found.append(child(entry, "path"))
+    return [n for n in found if isinstance(n, yaml.ScalarNode)]
+
+
+def _with_absolute_paths(text: str, base: Path) -> str:
+    """`text` with each relative path that exists from `base` made absolute (in place, as a quoted scalar)."""
+    edits = []
+    for node in _path_nodes(yaml.compose(text, Loader=yaml.SafeLoader)):
+        value = node.value
+        if value and not Path(value).expanduser().is_absolute() and (base / value).exists():
+            edits.append((node.start_mark.index, node.end_mark.index, json.dumps(str((base / value).resolve()))))
+    for start, end, new in sorted(edits, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text

@@ -55,6 +55,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.data.collate import collate_rows
     from tuneforge.data.dataset import build_data
     from tuneforge.data.samplers import RowSampler
+    from tuneforge.data.summary import summary_lines
     from tuneforge.model.attention import resolve_attn_implementation
     from tuneforge.model.load import load_model, load_tokenizer
     from tuneforge.model.lora import apply_lora, trainable_parameter_count
@@ -72,8 +73,10 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     device = ctx.device
 
     # ---- data: tokenized and packed once (cached), rows assigned to this data-parallel rank
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     data = ctx.main_first(lambda: build_data(cfg, tokenizer, log=log if ctx.is_main else (lambda m: None)))
+    for line in summary_lines(data.report):  # the counts check-data prints, and a warning if many were dropped
+        log(line)
     eval_data = None
     if tc.eval_every and (cfg.data.eval_datasets or cfg.data.eval_split > 0):
         eval_data = ctx.main_first(lambda: build_data(cfg, tokenizer, eval_split=True))
@@ -215,8 +218,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
                      "sampler": samplers, "model_path": cfg.model.path}
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last,
-                                 trainer=trainer, ctx=ctx)  # every rank takes part
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last, tokenizer,
+                                 trainer=trainer, ctx=ctx)  # every rank takes part; the tokenizer makes it exportable
         if stopping:
             progress.close()
             log(f"received {stop.signal or 'a stop signal on another rank'}: saved checkpoint at step {step}; "
