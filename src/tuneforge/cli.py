@@ -29,7 +29,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from tuneforge.data.internevo import run_tokenize
+    from tuneforge.data.export_internevo import run_tokenize
 
     return run_tokenize(_config(args), args.out_dir)
 
