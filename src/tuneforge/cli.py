@@ -42,7 +42,7 @@ def cmd_tokenize(args) -> int:
 
     cfg = _config(args)
     check_before_loading(cfg)
-    from tuneforge.data.internevo import run_tokenize
+    from tuneforge.data.export_internevo import run_tokenize
 
     return run_tokenize(cfg, args.out_dir)
 

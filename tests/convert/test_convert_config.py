@@ -155,6 +155,17 @@ def test_internevo_pipeline_ranks_become_data_parallel(tmp_path):
         convert_file(str(tmp_path / "pp.py"), gpus=3)
 
 
+def test_values_that_need_running_the_file_are_named_not_guessed(tmp_path):
+    source = (FIXTURES / "xtuner_qlora_chat.py").read_text()
+    source = source.replace("batch_size = 1  # per device", "batch_size = get_batch_size()  # per device")
+    source = source.replace("save_steps = 100", "save_steps = -1")
+    (tmp_path / "c.py").write_text(source)
+    draft = convert_file(str(tmp_path / "c.py"), gpus=2)
+    assert draft.values["train"]["micro_batch_size"] == 1 and draft.values["train"]["save_every"] == 0
+    assert any(line.startswith("Not evaluated: train_dataloader.batch_size = get_batch_size()") for line in draft.header)
+    assert "save_steps=-1" in draft.notes[("train", "save_every")]
+
+
 def test_refuses_to_overwrite_without_force(workspace, capsys):
     Path("out.yaml").write_text("mine\n")
     code = main(["convert-config", str(FIXTURES / "xtuner_qlora_chat.py"), "-o", "out.yaml"])

@@ -12,7 +12,8 @@ from helpers import alpaca_records, write_jsonl
 from tuneforge.config import load_config
 from tuneforge.data.collate import IGNORE, collate_rows
 from tuneforge.data.dataset import build_data
-from tuneforge.data.internevo import internevo_files, read_internevo, tokenize_to_internevo, write_internevo
+from tuneforge.data.export_internevo import tokenize_to_internevo
+from tuneforge.data.internevo import internevo_files, read_internevo, write_internevo
 from tuneforge.data.records import read_samples
 from tuneforge.data.templates import get_template
 from tuneforge.data.tokenize import encode_samples

@@ -33,6 +33,7 @@ class Source:
         self.config = config
         self.used: set[tuple[int, Any]] = set()
         self.touched: set[tuple[int, Any]] = set()
+        self.unevaluated: list[tuple[str, Any, Any]] = []
 
     def _resolve(self, path: str):
         node, trail = self.config.values, []
@@ -61,6 +62,21 @@ class Source:
             if found is MISSING:
                 found = value
         return default if found is MISSING else found
+
+    def number(self, *paths: str, default, cast=int):
+        """`get` for a number: a value the reader could not evaluate (a call, an unknown name)
+        is remembered for `unevaluated_notes` and `default` is used instead."""
+        value = self.get(*paths, default=default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.unevaluated.append((paths[0], value, default))
+            return default
+        return cast(value)
+
+    def unevaluated_notes(self) -> list[str]:
+        return [f"Not evaluated: {path} = {show(value)} (needs running the file); {default} was used: check it"
+                for path, value, default in self.unevaluated]
 
     def has(self, path: str) -> bool:
         return self._resolve(path)[0] is not MISSING

@@ -80,10 +80,10 @@ def convert_internevo(src: Source, gpus: int, deepspeed: str | None, out_name: s
                                     if isinstance(checkpoint, float) and 0 < checkpoint < 1 else ""))
 
     # ---- data
-    seq_len = int(src.get("data.seq_len", "SEQ_LEN", default=2048))
-    micro_bsz = int(src.get("data.micro_bsz", default=1))
-    micro_num = int(src.get("data.micro_num", default=1))
-    min_length = int(src.get("data.min_length", default=0) or 0)
+    seq_len = src.number("data.seq_len", "SEQ_LEN", default=2048)
+    micro_bsz = src.number("data.micro_bsz", default=1)
+    micro_num = src.number("data.micro_num", default=1)
+    min_length = src.number("data.min_length", default=0)
     folders = [("datasets", src.get("data.train_folder", "TRAIN_FOLDER", default=None), "data.train_folder"),
                ("eval_datasets", src.get("data.valid_folder", "VALID_FOLDER", default=None), "data.valid_folder")]
     for key, folder, what in folders:
@@ -119,23 +119,23 @@ def convert_internevo(src: Source, gpus: int, deepspeed: str | None, out_name: s
     draft.set("train", "micro_batch_size", micro_bsz, "data.micro_bsz (sequences of seq_len per micro-batch)")
     draft.set("train", "gradient_accumulation", accumulation, "data.micro_num" + (
         f", scaled because pipeline stages ({pp}) become data-parallel ranks here" if accumulation != micro_num else ""))
-    total_steps = src.get("data.total_steps", "lr_scheduler.total_steps", default=None)
+    total_steps = src.number("data.total_steps", "lr_scheduler.total_steps", default=0)
     if total_steps:
-        draft.set("train", "max_steps", int(total_steps), "data.total_steps")
-    draft.set("train", "lr", float(src.get("adam.lr", default=1e-4)), "adam.lr")
-    draft.set("train", "weight_decay", float(src.get("adam.weight_decay", default=0.0)), "adam.weight_decay")
-    draft.set("train", "warmup_ratio", float(src.get("lr_scheduler.warmup_ratio", default=0.0)), "lr_scheduler.warmup_ratio")
+        draft.set("train", "max_steps", total_steps, "data.total_steps")
+    draft.set("train", "lr", src.number("adam.lr", default=1e-4, cast=float), "adam.lr")
+    draft.set("train", "weight_decay", src.number("adam.weight_decay", default=0.0, cast=float), "adam.weight_decay")
+    draft.set("train", "warmup_ratio", src.number("lr_scheduler.warmup_ratio", default=0.0, cast=float), "lr_scheduler.warmup_ratio")
     draft.set("train", "lr_scheduler", "cosine", "InternEvo's FineTuneCosineAnnealingWarmupLR")
     eta_min = src.get("lr_scheduler.eta_min", default=None)
     if isinstance(eta_min, (int, float)) and draft.values["train"]["lr"]:
         draft.set("train", "min_lr_ratio", round(float(eta_min) / draft.values["train"]["lr"], 6), "eta_min / lr")
-    draft.set("train", "max_grad_norm", float(src.get("hybrid_zero_optimizer.clip_grad_norm", default=1.0)),
+    draft.set("train", "max_grad_norm", src.number("hybrid_zero_optimizer.clip_grad_norm", default=1.0, cast=float),
               "hybrid_zero_optimizer.clip_grad_norm")
-    save = src.get("ckpt.checkpoint_every", "CHECKPOINT_EVERY", default=0)
+    save = src.number("ckpt.checkpoint_every", "CHECKPOINT_EVERY", default=0)
     enabled = src.get("ckpt.enable_save_ckpt", default=True)
-    draft.set("train", "save_every", int(save) if enabled and save else 0,
+    draft.set("train", "save_every", max(save, 0) if enabled else 0,
               "ckpt.checkpoint_every" if enabled else "ckpt.enable_save_ckpt=False: only final/ is written")
-    valid = int(src.get("data.valid_every", default=0) or 0)
+    valid = src.number("data.valid_every", default=0)
     draft.set("train", "eval_every", valid, "data.valid_every")
     if valid and "eval_datasets" not in draft.values["data"]:
         notes.append("data.valid_every is set but data.valid_folder is None: no evaluation runs until "
@@ -167,6 +167,7 @@ def convert_internevo(src: Source, gpus: int, deepspeed: str | None, out_name: s
                       micro_bsz, accumulation, sp_ours, tp_ours)
     draft.header += [f"Launch: {launch_line(out_name, gpus, None)}"]
     draft.header += [f"Note: {n}" for n in notes]
+    draft.header += src.unevaluated_notes()
     for line, what in src.config.skipped:
         draft.header.append(f"Not read (line {line}): {what}")
     draft.unmapped = src.leftovers(lambda p, v: match_reason(REASONS, p, v))

@@ -69,6 +69,9 @@ REASONS = [
     ("randomness.deterministic", "CPU runs are bit-reproducible; GPU kernels follow torch's defaults"),
     ("log_processor", "metrics.jsonl holds every step (no smoothing window)"),
     ("default_hooks.checkpoint.type", "checkpoints: train.save_every and train.keep_last"),
+    ("default_hooks.checkpoint.save_optimizer", "checkpoints always hold the optimizer state (exact --resume)"),
+    ("default_hooks.checkpoint.save_last", "final/ is always written at the end"),
+    ("train_dataloader.pin_memory", "batches are collated in the training process"),
     ("default_hooks.logger.type", "logging: train.log_every"),
     ("*.type", "a class chosen by name (dict(type=...)); tuneforge builds this part itself"),
 ]
@@ -124,8 +127,13 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
     if isinstance(quant, dict):
         bits = 4 if src.get(f"{llm}.quantization_config.load_in_4bit") else \
             8 if src.get(f"{llm}.quantization_config.load_in_8bit") else None
-    lora = src.get("model.lora", default=None)
-    sp = int(src.get("sequence_parallel_size", default=1) or 1)
+    lora_key = "model.llm_lora" if src.has("model.llm_lora") else "model.lora"  # LLaVA: the LLM's adapter
+    lora = src.get(lora_key, default=None)
+    kind = src.get("model.type", default=None)
+    if isinstance(kind, Opaque) and kind.leaf != "SupervisedFinetune":
+        notes.append(f"model type {kind.leaf}: only its language-model settings are converted "
+                     "(tuneforge fine-tunes causal LMs; no vision encoder or projector)")
+    sp = src.number("sequence_parallel_size", default=1)
     strategy, zero, offload, ds_note = _strategy(deepspeed, bits, sp)
     dtype = torch_dtype(src.get(f"{llm}.torch_dtype", "optim_wrapper.dtype", default="bfloat16")) or "bfloat16"
     if dtype == "float16" and strategy in ("auto", "fsdp") and gpus > 1:
@@ -144,9 +152,10 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
     draft.set("model", "trust_remote_code", False, f"trust_remote_code={remote} in the source; InternLM2 and "
               "Llama-family models load without remote code (set true only if yours needs it)" if remote else None)
     if isinstance(lora, dict):
-        entry = {"r": src.get("model.lora.r", default=8), "alpha": src.get("model.lora.lora_alpha", default=8),
-                 "dropout": src.get("model.lora.lora_dropout", default=0.0)}
-        targets = src.get("model.lora.target_modules", default=None)
+        entry = {"r": src.number(f"{lora_key}.r", default=8),
+                 "alpha": src.number(f"{lora_key}.lora_alpha", default=8, cast=float),
+                 "dropout": src.number(f"{lora_key}.lora_dropout", default=0.0, cast=float)}
+        targets = src.get(f"{lora_key}.target_modules", default=None)
         entry["target_modules"] = [t for t in targets if t not in FUSED_EXPERTS] \
             if isinstance(targets, (list, tuple)) else "all-linear"
         note = "model.lora (PEFT LoraConfig)" if targets else \
@@ -154,7 +163,9 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
         if isinstance(targets, (list, tuple)) and set(targets) & set(FUSED_EXPERTS):
             note += "; w1/w2/w3 dropped: Mixtral's experts are fused parameters in transformers 5, not Linear layers"
         draft.set("model", "lora", entry, note)
-    if bits:
+    if bits and not isinstance(lora, dict):
+        notes.append("quantization_config without a LoRA adapter: left out (QLoRA needs model.lora)")
+    elif bits:
         draft.set("model", "quantization", {"bits": bits}, "quantization_config (bitsandbytes; a CUDA GPU)")
 
     # ---- data
@@ -166,7 +177,10 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
     name = TEMPLATES.get(template.leaf) if isinstance(template, Opaque) else None
     draft.set("data", "template", name or "tokenizer", f"prompt_template={template}" if name else
               f"prompt_template={template} has no named equivalent: the tokenizer's own chat template is used")
-    max_length = int(_pick(src, shared, "max_length", "max_length", 2048))
+    max_length = _pick(src, shared, "max_length", "max_length", 2048)
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        src.unevaluated.append(("max_length", max_length, 2048))
+        max_length = 2048
     draft.set("data", "max_length", max_length, "max_length")
     pack = bool(_pick(src, shared, "pack_to_max_length", "pack_to_max_length", False))
     draft.set("data", "packing", "hard" if pack else "none",
@@ -178,17 +192,17 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
               f"sampler={sampler_name}")
 
     # ---- train
-    micro = int(src.get("train_dataloader.batch_size", "batch_size", default=1))
-    accumulation = int(src.get("optim_wrapper.accumulative_counts", "accumulative_counts", default=1))
+    micro = src.number("train_dataloader.batch_size", "batch_size", default=1)
+    accumulation = src.number("optim_wrapper.accumulative_counts", "accumulative_counts", default=1)
     draft.set("train", "micro_batch_size", micro, "batch_size (per device)")
     draft.set("train", "gradient_accumulation", accumulation, "accumulative_counts")
-    draft.set("train", "epochs", int(src.get("train_cfg.max_epochs", "max_epochs", default=1)), "max_epochs")
-    iters = src.get("train_cfg.max_iters", default=None)
+    draft.set("train", "epochs", src.number("train_cfg.max_epochs", "max_epochs", default=1), "max_epochs")
+    iters = src.number("train_cfg.max_iters", default=0)
     if iters:
-        draft.set("train", "max_steps", int(iters), "train_cfg.max_iters")
-    lr = float(src.get("optim_wrapper.optimizer.lr", "lr", default=2e-5))
+        draft.set("train", "max_steps", iters, "train_cfg.max_iters")
+    lr = src.number("optim_wrapper.optimizer.lr", "lr", default=2e-5, cast=float)
     draft.set("train", "lr", lr, "lr")
-    draft.set("train", "weight_decay", float(src.get("optim_wrapper.optimizer.weight_decay", "weight_decay", default=0)),
+    draft.set("train", "weight_decay", src.number("optim_wrapper.optimizer.weight_decay", "weight_decay", default=0, cast=float),
               "weight_decay")
     warmup = src.get("warmup_ratio", "warm_up_ratio", default=None)
     if warmup is not None:
@@ -202,14 +216,16 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
             eta_min = src.get(f"param_scheduler[{i}].eta_min", default=0.0)
             if isinstance(eta_min, (int, float)) and lr:
                 draft.set("train", "min_lr_ratio", round(float(eta_min) / lr, 6), "eta_min / lr")
-    draft.set("train", "max_grad_norm", float(src.get("optim_wrapper.clip_grad.max_norm", "max_norm", default=0.0) or 0),
+    draft.set("train", "max_grad_norm", src.number("optim_wrapper.clip_grad.max_norm", "max_norm", default=0.0, cast=float),
               "max_norm (0 = no clipping)")
     seed = src.get("randomness.seed", default=None)
     if isinstance(seed, int):
         draft.set("train", "seed", seed, "randomness.seed")
-    draft.set("train", "save_every", int(src.get("default_hooks.checkpoint.interval", "save_steps", default=0)), "save_steps")
-    keep = src.get("default_hooks.checkpoint.max_keep_ckpts", "save_total_limit", default=2)
-    draft.set("train", "keep_last", int(keep) if keep and keep > 0 else 1_000_000,
+    save = src.number("default_hooks.checkpoint.interval", "save_steps", default=0)
+    draft.set("train", "save_every", max(save, 0), "save_steps" if save >= 0 else
+              f"save_steps={save}: no periodic checkpoints, only final/")
+    keep = src.number("default_hooks.checkpoint.max_keep_ckpts", "save_total_limit", default=2)
+    draft.set("train", "keep_last", keep if keep > 0 else 1_000_000,
               "save_total_limit" if keep and keep > 0 else "save_total_limit=-1 (unlimited)")
     prompts, freq = _evaluation(src)
     if prompts:
@@ -240,6 +256,7 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
                      f"  (XTuner: NPROC_PER_NODE={gpus} xtuner train {src.config.path.rsplit('/', 1)[-1]}"
                      f"{' --deepspeed deepspeed_' + deepspeed if deepspeed and not deepspeed.endswith('.json') else ''})"]
     draft.header += [f"Note: {n}" for n in notes]
+    draft.header += src.unevaluated_notes()
     for line, what in src.config.skipped:
         draft.header.append(f"Not read (line {line}): {what}")
     draft.unmapped = src.leftovers(lambda p, v: match_reason(REASONS, p, v))
@@ -258,10 +275,10 @@ def _evaluation(src: Source) -> tuple[list[str], int]:
         kind = hook.get("type") if isinstance(hook, dict) else None
         if isinstance(kind, Opaque) and kind.leaf == "EvaluateChatHook":
             prompts = src.get(f"custom_hooks[{i}].evaluation_inputs", "evaluation_inputs", default=[])
-            freq = src.get(f"custom_hooks[{i}].every_n_iters", "evaluation_freq", default=0)
-            return [str(p) for p in prompts or []], int(freq or 0)
+            freq = src.number(f"custom_hooks[{i}].every_n_iters", "evaluation_freq", default=0)
+            return [str(p) for p in prompts or []], freq
     prompts = src.get("evaluation_inputs", default=[])
-    return [str(p) for p in prompts or []], int(src.get("evaluation_freq", default=0) or 0)
+    return [str(p) for p in prompts or []], src.number("evaluation_freq", default=0)
 
 
 def _strategy(deepspeed: str | None, bits: int | None, sp: int):

@@ -2,7 +2,8 @@
 
 Owns: `save_hf_folder` (a full model or a PEFT adapter folder, safetensors only), merging a
 LoRA adapter into its base (`merge_adapter`), exporting a training checkpoint's `model/`
-(`export_checkpoint`; FSDP and DeepSpeed checkpoints are consolidated by their modules),
+(`export_checkpoint`; FSDP and DeepSpeed checkpoints are consolidated by their modules, which
+hand the whole model back to be saved here: export uses the strategies, never the reverse),
 casting a saved folder's weights to another dtype, and `atomic_dir`: every output is written
 to a temp folder beside its target and renamed into place, so a crash never leaves a
 half-written model where a complete one is expected.
@@ -155,13 +156,15 @@ def export_checkpoint(
             )
         return merge_adapter(base, model_dir, out_dir, dtype if dtype is not None else "float32")
     if not any(model_dir.glob("*.safetensors")) and (Path(ckpt_dir) / "dcp").is_dir():
-        from tuneforge.parallel.fsdp import export_sharded  # an FSDP checkpoint: consolidate its shards
+        from tuneforge.parallel.fsdp import consolidated_model  # an FSDP checkpoint: consolidate its shards
 
-        return export_sharded(ckpt_dir, out_dir, dtype=None if dtype is None else resolve_dtype(dtype))
+        target = None if dtype is None else resolve_dtype(dtype)
+        return save_consolidated(*consolidated_model(ckpt_dir), model_dir, out_dir, target)
     if not any(model_dir.glob("*.safetensors")) and (Path(ckpt_dir) / "deepspeed").is_dir():
-        from tuneforge.parallel.deepspeed_engine import export_checkpoint as export_deepspeed  # merge ZeRO partitions
+        from tuneforge.parallel.deepspeed_engine import merged_model  # merge the ZeRO partitions
 
-        return export_deepspeed(ckpt_dir, out_dir, dtype=None if dtype is None else resolve_dtype(dtype))
+        target = None if dtype is None else resolve_dtype(dtype)
+        return save_consolidated(*merged_model(ckpt_dir), model_dir, out_dir, target)
     if not any(model_dir.glob("*.safetensors")):
         raise UserError(f"{model_dir} holds no *.safetensors weights", hint="is this a tuneforge checkpoint?")
     if dtype is not None:

@@ -234,7 +234,7 @@ def _read_weights(folder: Path) -> dict:
     return sd
 
 
-def load_internlm2_as_llama(folder: str | Path, dtype: torch.dtype | str = torch.float32, **kwargs):
+def load_internlm2_as_llama(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs):
     """The InternLM2 checkpoint in `folder` as a `LlamaForCausalLM` (no remote code runs).
 
     `kwargs` go to `LlamaForCausalLM.from_pretrained` (e.g. `attn_implementation`,
@@ -244,13 +244,11 @@ def load_internlm2_as_llama(folder: str | Path, dtype: torch.dtype | str = torch
     """
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from tuneforge.model.load import resolve_dtype
-
     folder = Path(folder)
     original = read_config(folder)
     if original is None:
         raise UserError(f"{folder} has no readable config.json")
-    target = resolve_dtype(dtype)
+    target = dtype  # a torch.dtype, resolved by the caller (`tuneforge.model.load.resolve_dtype`)
     config = internlm2_config_to_llama(original)
     sd = internlm2_to_llama_state(_read_weights(folder), original)
     sd = {k: v.to(target) if v.is_floating_point() else v for k, v in sd.items()}

@@ -137,7 +137,8 @@ def load_model(
     keeps transformers' default and other config values are resolved by that function.
     `cfg.quantization` loads it in 4/8 bits for QLoRA (CUDA + bitsandbytes only).
     On the meta device it builds the architecture from `config.json` without reading any
-    weight (`tuneforge.parallel.rank0_load`: FSDP ranks > 0, whose shards come from rank 0).
+    weight (`build_on_meta`: FSDP ranks > 0, whose shards come from rank 0 through
+    `tuneforge.parallel.rank0_load`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -157,8 +158,6 @@ def load_model(
         kwargs.update(quantization_config=quant, device_map={"": torch.device(device)})
     try:
         if torch.device(device).type == "meta":  # an FSDP rank > 0: the architecture only, rank 0 sends the weights
-            from tuneforge.parallel.rank0_load import build_on_meta
-
             model = build_on_meta(cfg.path, **kwargs)
         elif is_internlm2(cfg.path):  # converted to Llama whatever trust_remote_code says
             model = load_internlm2_as_llama(cfg.path, **kwargs)
@@ -182,6 +181,34 @@ def load_model(
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model
+
+
+def build_on_meta(path: str | Path, *, dtype: torch.dtype, attn_implementation: str | None = None,
+                  trust_remote_code: bool = False, **_ignored):
+    """The causal LM of the folder `path` with every parameter and buffer on the meta device.
+
+    Same architecture, dtype and attention implementation as `load_model` would load (InternLM2
+    folders are converted to Llama as there); no weight file is opened."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
+
+    from tuneforge.model.internlm2 import internlm2_config_to_llama, is_internlm2, read_config
+
+    folder = Path(path)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        if is_internlm2(folder):
+            original = read_config(folder)
+            model = LlamaForCausalLM._from_config(internlm2_config_to_llama(original), dtype=dtype, **extra)
+            model._tuneforge_internlm2 = {"config": original, "folder": str(folder)}
+        else:
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    if (folder / "generation_config.json").is_file():  # as from_pretrained (generation during eval)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(folder))
+        except (OSError, ValueError):
+            pass
+    return model.eval()  # from_pretrained returns eval mode too
 
 
 def enable_checkpointing(model) -> None:

@@ -24,8 +24,9 @@ Owns everything that touches `deepspeed` (an optional extra, imported lazily):
   rank into `deepspeed/state/` of our temporary checkpoint folder, so tuneforge's atomic scheme
   (manifest, rename, `latest`, keep_last) applies unchanged;
 * `full_model_state`: the fp32 master weights gathered from every stage (final model, adapters);
-* `export_checkpoint`: one process, no process group: a DeepSpeed checkpoint's partitioned fp32
-  weights consolidated (`deepspeed.utils.zero_to_fp32`) into a plain Hugging Face folder.
+* `merged_model`: one process, no process group: a DeepSpeed checkpoint's partitioned fp32
+  weights consolidated (`deepspeed.utils.zero_to_fp32`) into a plain model, which
+  `tuneforge.model.export` saves as a Hugging Face folder.
 
 On the CPU, DeepSpeed's TorchBackend would JIT-compile its shared-memory all-reduce op (about a
 minute) on first use; that op only serves inference all-reduces, so `_no_shm_comm_build` marks it
@@ -274,15 +275,14 @@ def check_resume(state: dict, ctx, folder: Path) -> None:
                         hint=f"resume with --deepspeed zero{saved} (or the JSON the run started with)")
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
-    """One process: a plain Hugging Face folder from a DeepSpeed checkpoint (`model/` config +
-    `deepspeed/state/` partitions), the fp32 master weights of every rank merged."""
+def merged_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, dict]:
+    """One process: the whole model of a DeepSpeed checkpoint (`model/` config +
+    `deepspeed/state/` partitions, the fp32 master weights of every rank merged) and its state
+    dict without tied duplicates, for `tuneforge.model.export` to save."""
     import io
     import warnings
 
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tuneforge.model.export import save_consolidated
 
     require_deepspeed()
     ckpt_dir = Path(ckpt_dir)
@@ -312,6 +312,5 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> 
                         hint="a LoRA checkpoint holds the adapter in model/: export it without consolidating")
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     first = {n for n, _ in model.named_parameters()}  # tied duplicates out: loading re-ties them
-    state = {k: v for k, v in model.state_dict().items() if k in first or k not in every}
-    return save_consolidated(model, state, model_dir, out_dir, dtype)
+    return model, {k: v for k, v in model.state_dict().items() if k in first or k not in every}
 

@@ -16,8 +16,8 @@ Owns
   state through torch.distributed.checkpoint (DCP); every rank writes its own shards, and a
   checkpoint can be read back on any number of ranks.
 - `full_model_state`: the whole (or trainable) model gathered on rank 0, for `final/`.
-- `consolidate`: one process, no process group: load a DCP checkpoint's model weights into a
-  plain model (what `tuneforge export` of an FSDP checkpoint uses).
+- `consolidate` / `consolidated_model`: one process, no process group: load a DCP checkpoint's
+  model weights into a plain model (what `tuneforge export` of an FSDP checkpoint saves).
 
 State-dict keys are those of the `CausalLMLoss` root, i.e. the causal LM's keys prefixed with
 `model.`; `ROOT_PREFIX` strips them back.
@@ -151,11 +151,10 @@ def consolidate(dcp_dir: Path, model: nn.Module) -> None:
         dcp.load({"model": present}, checkpoint_id=str(dcp_dir), no_dist=True)
 
 
-def export_sharded(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> Path:
-    """One process: a plain Hugging Face folder from an FSDP checkpoint (`model/` config + `dcp/` shards)."""
+def consolidated_model(ckpt_dir: str | Path) -> tuple[nn.Module, dict]:
+    """One process: the whole model of an FSDP checkpoint (`model/` config + `dcp/` shards) and
+    its state dict without tied duplicates, for `tuneforge.model.export` to save."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tuneforge.model.export import save_consolidated
 
     ckpt_dir = Path(ckpt_dir)
     model_dir = ckpt_dir / "model"
@@ -168,4 +167,4 @@ def export_sharded(ckpt_dir: str | Path, out_dir: str | Path, dtype=None) -> Pat
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.tie_weights()  # skipped with the initialisation; the config may tie input and output embeddings
     consolidate(ckpt_dir / "dcp", model)
-    return save_consolidated(model, without_shared(model, model.state_dict()), model_dir, out_dir, dtype)
+    return model, without_shared(model, model.state_dict())

@@ -5,7 +5,7 @@ its part, so a node briefly holds one full copy per rank (8 copies of a 70B mode
 8-GPU node). Here
 1. rank 0 loads the real weights on the CPU (`tuneforge.model.load.load_model` as always);
    every other rank builds the same architecture on the meta device from `config.json`
-   (`build_on_meta`: no weight is read or allocated), and LoRA is applied alike everywhere
+   (`tuneforge.model.load.build_on_meta`: no weight is read or allocated), and LoRA is applied alike everywhere
    (on meta, PEFT's adapter weights are meta too);
 2. `take_full_state` (all ranks, before `fully_shard`): rank 0 checks that every rank built
    the same parameters and buffers, keeps a reference to each full parameter and moves the
@@ -33,41 +33,12 @@ model (`DistributedContext.rank0_load` is False there).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from tuneforge.errors import UserError
-
-
-def build_on_meta(path: str | Path, *, dtype: torch.dtype, attn_implementation: str | None = None,
-                  trust_remote_code: bool = False, **_ignored):
-    """The causal LM of the folder `path` with every parameter and buffer on the meta device.
-
-    Same architecture, dtype and attention implementation as `load_model` would load (InternLM2
-    folders are converted to Llama as there); no weight file is opened."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
-
-    from tuneforge.model.internlm2 import internlm2_config_to_llama, is_internlm2, read_config
-
-    folder = Path(path)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with torch.device("meta"):
-        if is_internlm2(folder):
-            original = read_config(folder)
-            model = LlamaForCausalLM._from_config(internlm2_config_to_llama(original), dtype=dtype, **extra)
-            model._tuneforge_internlm2 = {"config": original, "folder": str(folder)}
-        else:
-            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
-    if (folder / "generation_config.json").is_file():  # as from_pretrained (generation during eval)
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(str(folder))
-        except (OSError, ValueError):
-            pass
-    return model.eval()  # from_pretrained returns eval mode too
 
 
 @dataclass
