@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
-    p = verb("tokenize", cmd_tokenize, "write the config's datasets, tokenized, as InternEvo .bin/.meta files")
+    p = verb("tokenize", cmd_tokenize, "write the config's datasets, tokenized, as an InternEvo train_folder: OUT_DIR/NAME/NAME.bin(.meta)")
     p.add_argument("config")
     p.add_argument("out_dir")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")

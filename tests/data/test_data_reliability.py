@@ -158,3 +158,43 @@ def test_odd_conversations_are_counted_and_warned_with_the_first_line(tmp_path, 
                f"{tmp_path / 'chat.jsonl'}:2)" in err
         assert f"warning: 1 conversations with an empty turn in {tmp_path / 'chat.jsonl'} (first at " \
                f"{tmp_path / 'chat.jsonl'}:3)" in err
+
+
+def test_texts_far_beyond_max_length_are_cut_without_changing_the_kept_tokens(tokenizer):
+    """The cut before tokenizing keeps exactly the tokens, masks and counts of tokenizing the whole
+    text: the first max_length tokens equal the uncut tokenization's, for word text, runs of the
+    longest token, multi-byte characters, and a trained answer that crosses the cut."""
+    import random
+
+    from tuneforge.data.records import Sample
+    from tuneforge.data.templates import get_template
+    from tuneforge.data.tokenize import CUT_FACTOR, TextCutter, encode_samples, longest_token_chars
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog two plus three is five 12 + 7 = ?".split()
+    prose = " ".join(rng.choice(words) for _ in range(6000))
+    samples = [
+        Sample(text=prose),
+        Sample(text="#" * 40000),
+        Sample(text="中文 😀 —— " * 3000),
+        Sample(messages=[Message("user", "hi"), Message("assistant", prose)]),
+        Sample(messages=[Message("user", prose), Message("assistant", "five")]),  # answer beyond the cut: no loss
+        Sample(text="short text"),
+    ]
+    template = get_template("chatml", tokenizer)
+    max_length = 32
+    limit = CUT_FACTOR * max_length * longest_token_chars(tokenizer)
+    assert all(len(s.text or prose) > 5 * limit for s in samples[:4])  # the cut really happens
+    assert len(TextCutter(tokenizer, max_length)(prose, [(0, len(prose))])[0]) == limit
+    for truncation in ("right", "drop"):
+        cut = encode_samples(samples, template, tokenizer, max_length, truncation)
+        whole = encode_samples(samples, template, tokenizer, max_length, truncation, cut_long_texts=False)
+        assert cut.tokens.tolist() == whole.tokens.tolist()
+        assert cut.trained.tolist() == whole.trained.tolist()
+        assert cut.offsets.tolist() == whole.offsets.tolist() and cut.origin.tolist() == whole.origin.tolist()
+        assert cut.counts == whole.counts
+    right = encode_samples(samples, template, tokenizer, max_length, "right")
+    assert right.counts["truncated"] == 4 and right.counts["dropped"] == 1, right.counts
+    first = tokenizer(prose, add_special_tokens=False).input_ids[:max_length]  # the uncut tokenization
+    start = tokenizer("a").input_ids[:1] if tokenizer("a").input_ids[0] == tokenizer.bos_token_id else []
+    assert right.tokens[: right.offsets[1]].tolist() == (start + first)[:max_length]

@@ -158,7 +158,7 @@ def test_tokenize_to_internevo_reproduces_tokens_and_masks(tokenizer, tokenizer_
     jsonl = write_jsonl(tmp_path / "train.jsonl", alpaca_records(40))
     cfg = config([{"path": str(jsonl), "format": "alpaca"}], tokenizer_dir, tmp_path / "cache", max_length=64)
     written = tokenize_to_internevo(cfg, tmp_path / "ie")
-    assert [Path(w["path"]).name for w in written] == ["000_train.bin"]
+    assert [Path(w["path"]).relative_to(tmp_path / "ie").as_posix() for w in written] == ["train/train.bin"]
     original = build_data(cfg, tokenizer)
     again = build_data(config([{"path": str(tmp_path / "ie"), "format": "internevo"}], tokenizer_dir,
                               tmp_path / "cache", max_length=64), tokenizer)
@@ -231,3 +231,32 @@ def test_token_ids_beyond_the_tokenizer_and_records_api(tokenizer, tokenizer_dir
         build_data(cfg, tokenizer)
     with pytest.raises(DataError, match="format internevo holds token ids"):
         read_samples(tmp_path / "ie", "internevo")
+
+
+def internevo_type_id(train_folder, path):
+    """InternEvo's own lookup (internlm/data/utils.py, get_dataset_type_ids_map + get_dataset_type_id):
+    sorted top-level entries of train_folder; exactly one must match `/[z_]*{key}/` in the path."""
+    import os
+    import re
+
+    type_ids = {key: idx for idx, key in enumerate(sorted(os.listdir(train_folder)))}
+    matches = [idx for key, idx in type_ids.items() if re.search(rf"/[z_]*{key}/", str(path))]
+    assert len(matches) == 1, f"{path}, match_idxes should be 1, but got {matches} from {type_ids}"
+    return matches[0]
+
+
+def test_tokenize_writes_a_train_folder_internevo_reads_as_is(tokenizer, tokenizer_dir, tmp_path):
+    from tuneforge.data.export_internevo import dataset_folder_names
+
+    for name in ("en.jsonl", "zen.jsonl", "en.json", "my data+v2.jsonl"):
+        write_jsonl(tmp_path / name, alpaca_records(3)) if name.endswith("l") else \
+            (tmp_path / name).write_text(json.dumps(alpaca_records(3)))
+    datasets = [{"path": str(tmp_path / n), "format": "alpaca"} for n in ("en.jsonl", "zen.jsonl", "en.json",
+                                                                         "my data+v2.jsonl")]
+    cfg = config(datasets, tokenizer_dir, tmp_path / "cache", max_length=64)
+    assert dataset_folder_names(cfg.data.datasets) == ["en", "zen_2", "en_3", "my_data_v2"]  # en_2 would match /zen_2/
+    written = tokenize_to_internevo(cfg, tmp_path / "out")
+    ids = [internevo_type_id(tmp_path / "out", w["path"]) for w in written]
+    assert sorted(ids) == [0, 1, 2, 3]  # each file under exactly one type id, all different
+    for w in written:
+        assert Path(w["path"]).parent.parent == tmp_path / "out"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from itertools import chain
 from pathlib import Path
 

@@ -3,7 +3,7 @@
 Owns: batched fast-tokenizer encoding of whole rendered samples (so ids equal what
 `apply_chat_template` produces), mapping trained character spans to tokens through the
 offset mapping, and truncation (`right` keeps a sample if a trained token survives, `drop`
-drops over-long samples). Results are flat numpy arrays, ready to be memory-mapped.
+drops over-long samples); texts far beyond max_length are cut before tokenizing (`TextCutter`). Results are flat numpy arrays, ready to be memory-mapped.
 """
 
 from __future__ import annotations
@@ -92,14 +92,53 @@ def _flatten(ids_lists, offset_lists) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return ids, offsets.reshape(-1, 2), counts
 
 
+CUT_FACTOR = 4  # a text is cut at CUT_FACTOR x max_length x the longest token's characters
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters any vocabulary entry spells (byte-level entries: one per byte)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.get_vocab(with_added_tokens=True) if backend is not None else tokenizer.get_vocab()
+    return max(map(len, vocab), default=1)
+
+
+class TextCutter:
+    """Cuts a rendered text far beyond `max_length` before it is tokenized, so time and memory
+    stay bounded by max_length (one 50 MB record would otherwise be tokenized whole to keep
+    a few hundred tokens).
+
+    No token covers more characters than the longest vocabulary entry spells (`L`), so the
+    first `max_length` tokens of a text lie within its first `max_length x L` characters. The
+    cut is at `CUT_FACTOR` times that (also a margin for a normalizer that would join
+    characters), leaving the tokenizer's word splitting and merges at the cut far from every
+    token that is kept: the kept tokens, and their trained mask, are those
+    of the whole text (tests/data/test_data_reliability.py checks this). A cut text still has
+    more than `max_length` tokens, so the sample is counted as truncated (or dropped) as before.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length, self.limit = tokenizer, max_length, None
+
+    def __call__(self, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+        if len(text) <= CUT_FACTOR * self.max_length:  # no entry spells fewer than 1 character: nothing to cut
+            return text, spans
+        if self.limit is None:
+            self.limit = CUT_FACTOR * self.max_length * longest_token_chars(self.tokenizer)
+        if len(text) <= self.limit:
+            return text, spans
+        return text[: self.limit], [(a, min(b, self.limit)) for a, b in spans if a < self.limit]
+
+
 def encode_samples(samples: list[Sample], template, tokenizer, max_length: int, truncation: str,
-                   batch_size: int = 2048, progress=None) -> Encoded:
+                   batch_size: int = 2048, progress=None, cut_long_texts: bool = True) -> Encoded:
     """Render, tokenize and mask `samples`; drop/truncate as configured and count it.
 
     Work is vectorised per batch: the texts are tokenized together, and trained spans are
-    matched to tokens on character positions made global over the batch.
+    matched to tokens on character positions made global over the batch. Texts far beyond
+    `max_length` are cut first (`TextCutter`; `cut_long_texts=False` tokenizes them whole).
     """
     bos_for_text = adds_bos(tokenizer)
+    cut = TextCutter(tokenizer, max_length) if cut_long_texts else (lambda text, spans: (text, spans))
     parts_tokens, parts_mask, parts_len, parts_origin = [], [], [], []
     counts = {"samples": len(samples), "dropped": 0, "truncated": 0, "no_loss": 0, "too_long": 0}
 
@@ -140,7 +179,7 @@ def encode_samples(samples: list[Sample], template, tokenizer, max_length: int, 
     pending = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         for begin in range(0, len(samples), batch_size):
-            rendered = [_spans(render_sample(s, template, tokenizer, bos_for_text))
+            rendered = [cut(*_spans(render_sample(s, template, tokenizer, bos_for_text)))
                         for s in samples[begin: begin + batch_size]]
             started = (begin, rendered, _start_encoding(tokenizer, [text for text, _ in rendered], pool))
             if pending is not None:
