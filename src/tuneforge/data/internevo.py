@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from itertools import chain
 from pathlib import Path
 
