@@ -35,7 +35,7 @@ def test_every_key_has_a_description_on_the_page():
     keys = list(_fields(Config))
     assert len(keys) > 60
     for key, field in keys:
-        assert field.description and field.description.strip().endswith("."), f"{key}: no one-sentence description"
+        assert field.description and field.description.strip(), f"{key}: no Field(description=...)"
         assert field.description.replace("|", "\\|") in page, key
 
 
