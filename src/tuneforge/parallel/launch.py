@@ -314,7 +314,7 @@ def torchrun_command(plan: SpawnPlan, argv: Sequence[str], target: Sequence[str]
     return [sys.executable, "-m", "torch.distributed.run", *plan.torchrun_args(), *target, *argv]
 
 
-PREEMPT_MARKER_ENV = "TUNEFORGE_PREEMPT_MARKER"  # rank 0 touches this file after saving on a stop signal
+PREEMPT_MARKER_ENV = "TUNEFORGE_PREEMPT_MARKER"  # rank 0 writes its exit code here after saving on a stop
 
 
 def relaunch_with_torchrun(plan: SpawnPlan, argv: Sequence[str], *, target: Sequence[str] = DEFAULT_TARGET,
@@ -322,25 +322,32 @@ def relaunch_with_torchrun(plan: SpawnPlan, argv: Sequence[str], *, target: Sequ
     """Run `target argv` under torchrun as planned and return its exit status.
 
     NPROC_PER_NODE is removed from the children's environment so they do not relaunch
-    again. SIGINT is forwarded to torchrun, which stops its workers. SIGTERM and SIGUSR1
-    (preemption) go to the workers themselves: they finish the step, save a checkpoint and
-    exit, however long that takes (torchrun, signalled itself, would SIGKILL them after 30 s).
-    torchrun then reports the workers' non-zero exit as a failure; when rank 0 confirmed
-    its save (the marker file of `PREEMPT_MARKER_ENV`) the status is `PREEMPTED_EXIT`,
-    as for a single process.
+    again. torchrun runs in a process group of its own, so a Ctrl-C at the terminal reaches
+    only this process, which forwards it: stop requests (SIGTERM, SIGUSR1, the first SIGINT)
+    go to the workers themselves, which finish the step, save a checkpoint and exit, however
+    long that takes (torchrun, signalled itself, would kill them after 30 s and print its
+    tracebacks). After such a stop rank 0 writes its exit code (75, or 130 for Ctrl-C) to the
+    marker file of `PREEMPT_MARKER_ENV` and every rank exits 0, so torchrun reports no
+    failure; that code is returned here. A second Ctrl-C kills torchrun and the workers at
+    once (exit 130).
     """
-    from tuneforge.errors import PREEMPTED_EXIT
+    from tuneforge.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
     child_env = dict(os.environ if environ is None else environ)
     child_env.pop("NPROC_PER_NODE", None)
     with tempfile.TemporaryDirectory(prefix="tuneforge-relaunch-") as tmp:
         marker = os.path.join(tmp, "preempted")
         child_env[PREEMPT_MARKER_ENV] = marker
-        proc = subprocess.Popen(torchrun_command(plan, argv, target), env=child_env)
-        with _forward_signals(proc):
+        proc = subprocess.Popen(torchrun_command(plan, argv, target), env=child_env, process_group=0)
+        with _forward_signals(proc) as aborted:
             code = proc.wait()
+        if aborted:
+            print("interrupted: stopped at once, nothing more was saved", file=sys.stderr)
+            return INTERRUPTED_EXIT
         if os.path.exists(marker):
-            return PREEMPTED_EXIT
+            with open(marker) as handle:
+                text = handle.read().strip()
+            return int(text) if text.isdigit() else PREEMPTED_EXIT
     return code if code >= 0 else 128 - code  # killed by signal N -> 128+N, like a shell
 
 
@@ -361,38 +368,38 @@ def child_pids(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _forward_signals(proc: subprocess.Popen) -> Iterator[None]:
+def _forward_signals(proc: subprocess.Popen) -> Iterator[list]:
+    """Forward stop signals to torchrun's workers while the `with` block runs; yields a list
+    that is non-empty once a second Ctrl-C has killed torchrun and its workers."""
+    aborted: list = []
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
+        yield aborted  # signal handlers can only be installed from the main thread
         return
+    interrupts = itertools.count(1)
 
     def forward(signum, frame):
-        if proc.poll() is not None or _tty_delivers_to_child(signum):
+        if proc.poll() is not None:
             return
-        workers = child_pids(proc.pid) if signum != signal.SIGINT else []
+        workers = child_pids(proc.pid)  # each in a session of its own (torchrun starts them so)
+        if signum == signal.SIGINT and next(interrupts) > 1:  # a second Ctrl-C: abort now
+            aborted.append(signum)
+            for pid in [proc.pid, *workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return
         for pid in workers:  # a stop request: the workers save and exit by themselves
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        if not workers:
-            proc.send_signal(signal.SIGTERM if signum != signal.SIGINT else signum)
+        if not workers:  # not started yet: torchrun stops what it has
+            proc.send_signal(signal.SIGTERM)
 
     stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
     previous = {sig: signal.signal(sig, forward) for sig in stops}
     try:
-        yield
+        yield aborted
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _tty_delivers_to_child(signum: int) -> bool:
-    """True for a Ctrl-C typed at the terminal: it already reached the child (same process group)."""
-    if signum != signal.SIGINT:
-        return False
-    try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- process group
