@@ -129,10 +129,10 @@ def merge_adapter(
     """
     from peft import PeftModel
 
-    check_destination(out_dir, [base_dir, adapter_dir], force)
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    check_destination(out_dir, [base_dir, adapter_dir], force)
     target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
     base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
@@ -150,13 +150,13 @@ def export_checkpoint(
     copied; a full model is copied. `dtype` casts the weights (merges default to float32).
     `out_dir` must pass `check_destination` (`force` replaces a non-empty one).
     """
-    check_destination(out_dir, [ckpt_dir], force)
     model_dir = Path(ckpt_dir) / "model"
     if not model_dir.is_dir():  # a run's final/ (or any HF / adapter folder) is its own model folder
         model_dir = Path(ckpt_dir)
     if not ((model_dir / "config.json").is_file() or (model_dir / "adapter_config.json").is_file()):
         raise UserError(f"{ckpt_dir} is neither a checkpoint (with model/) nor a model or adapter folder",
                         hint="pass checkpoints/step_N or final/ of a run")
+    check_destination(out_dir, [ckpt_dir], force)
     adapter_config = model_dir / "adapter_config.json"
     if merge_lora and adapter_config.is_file():
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")

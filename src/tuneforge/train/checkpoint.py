@@ -117,6 +117,7 @@ def _verified_checkpoint(root: Path, resume: str, log) -> Path:
     if resume != "latest":
         if not Path(resume).is_dir():
             raise UserError(f"--resume: checkpoint folder not found: {resume}", hint="pass a checkpoints/step_N folder")
+        read_state(Path(resume))  # a folder that is no checkpoint at all: said so
         problem = checkpoint_problem(Path(resume), verify_hashes=True)
         if problem is not None:
             raise UserError(f"checkpoint {resume} is not intact: {problem}",

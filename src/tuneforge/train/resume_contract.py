@@ -71,10 +71,27 @@ def _allowed(key: str) -> bool:
     return key in MAY_CHANGE or any(key.startswith(name + ".") for name in MAY_CHANGE)
 
 
+def _get(tree, key: str):
+    for part in key.split("."):
+        if isinstance(tree, list):
+            tree = tree[int(part)] if part.isdigit() and int(part) < len(tree) else None
+        else:
+            tree = (tree or {}).get(part)
+    return tree
+
+
 def changed_keys(cfg, saved: Path) -> dict[str, tuple]:
-    """{key: (old, new)} for every key of `cfg` that differs from the saved config."""
-    old, new = flatten(_saved_tree(saved)), flatten(cfg.model_dump(mode="json"))
-    return {k: (old.get(k), new.get(k)) for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)}
+    """{key: (old, new)} for every key of `cfg` that differs from the saved config; a section
+    set on one side only (`model.lora: None -> {...}`) is one key."""
+    old_tree, new_tree = _saved_tree(saved), cfg.model_dump(mode="json")
+    old, new = flatten(old_tree), flatten(new_tree)
+    changes = {}
+    for key in dict.fromkeys([*new, *old]):
+        if old.get(key) != new.get(key):
+            parts = key.split(".")
+            whole = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in old or p in new), key)
+            changes[whole] = (_get(old_tree, whole), _get(new_tree, whole))
+    return changes
 
 
 def check_resume_contract(cfg, saved: Path, log=lambda m: print(m, file=sys.stderr)) -> None:
