@@ -25,10 +25,10 @@ class TinyModel(torch.nn.Linear):
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def save(root, step, model):
+def save(root, step, model, keep_last=3):
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return ckpt.save_checkpoint(root, step, model, opt, sched, {"step": step}, keep_last=3)
+    return ckpt.save_checkpoint(root, step, model, opt, sched, {"step": step}, keep_last=keep_last)
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
@@ -102,3 +102,13 @@ def test_other_errors_during_a_save_are_not_called_a_full_disk(tmp_path, monkeyp
     with pytest.raises(TypeError):
         save(tmp_path / "checkpoints", 1, TinyModel())
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_checkpoints_past_the_resumed_step_do_not_crowd_out_new_ones(tmp_path):
+    """Resumed from step 2 with a (corrupt or not) step_4 still there, keep_last=1: saving
+    step 3 keeps step_3 and leaves step_4 alone until step 4 is saved again."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        save(root, step, TinyModel())
+    save(root, 3, TinyModel(), keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_3", "step_4"]

@@ -153,7 +153,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int,
                     tokenizer=None, *, trainer=None, ctx=None) -> Path:
-    """Write `root/step_{step}` atomically, then prune to the newest `keep_last`.
+    """Write `root/step_{step}` atomically, then prune to the newest `keep_last` up to `step`.
 
     With a distributed `ctx` this is a collective: every rank calls it. `trainer` is the
     wrapped training module (needed for FSDP's sharded state).
@@ -210,7 +210,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
             shutil.rmtree(tmp, ignore_errors=True)
     ctx.barrier()
     if ctx.is_main:
-        prune(root, keep_last)
+        prune(root, keep_last, upto=step)
     return final
 
 
@@ -294,9 +294,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temporaries."""
-    for _, path in complete_checkpoints(root)[:-keep_last]:
+def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temporaries.
+
+    With `upto`, only checkpoints up to that step count and go: ones from a later step (left
+    by a run resumed from an earlier or a verified-good checkpoint past a corrupt one) stay
+    until this run saves that step again, so they never crowd out the new ones."""
+    found = [(step, path) for step, path in complete_checkpoints(root) if upto is None or step <= upto]
+    for _, path in found[:-keep_last]:
         doomed = path.with_name(f".del-{path.name}")
         os.rename(path, doomed)  # atomic: never a half-deleted step_N
         shutil.rmtree(doomed, ignore_errors=True)
