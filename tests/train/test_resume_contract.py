@@ -100,3 +100,16 @@ def test_no_intact_checkpoint_stops_with_exit_2(stopped_run, capsys):
     assert "no intact checkpoint" in capsys.readouterr().err
     assert main(["train", str(cfg), "--resume", str(run / "checkpoints" / "step_4")]) == 2
     assert "step_4 is not intact: model/" in capsys.readouterr().err
+
+
+def test_a_data_file_edited_in_place_is_refused(stopped_run, tmp_path, capsys):
+    cfg, run = stopped_run
+    data = tmp_path / "train.jsonl"
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[0]["output"] = "an answer edited after the run started"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    before = rows(run)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--resume", str(run / "checkpoints" / "step_2")]) == 2
+    assert f"--resume: the training data changed since {run / 'checkpoints' / 'step_2'} was written" in capsys.readouterr().err
+    assert rows(run) == before

@@ -27,7 +27,7 @@ import torch
 
 from tuneforge.config import dump_config
 from tuneforge.errors import PREEMPTED_EXIT, UserError  # noqa: F401  PREEMPTED_EXIT: the exit code after a stop signal
-from tuneforge.train.resume_contract import apply_schedule
+from tuneforge.train.resume_contract import apply_schedule, check_same_data, data_fingerprint
 from tuneforge.train.stops import StopFlag, last_step_message, stop_message
 
 
@@ -105,6 +105,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         folder = ckpt.resume_checkpoint(ckpt_root, resume, ctx, log)  # hashes verified; corrupt ones skipped
         state = ckpt.load_checkpoint(folder, model, optimizer, scheduler, trainer=trainer, ctx=ctx)
         apply_schedule(scheduler, tc.lr)  # the resume contract's lr rule (train/resume_contract.py)
+        check_same_data(state, data, folder)
         sampler.load_state_dict(state["sampler"][ctx.dp_rank])
         step, epoch, tokens_seen = state["step"], state["epoch"], state["tokens_seen"]
         log(f"resumed from {folder} at step {step}")
@@ -199,7 +200,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             # one sampler state per data-parallel replica: ranks are numbered replica by replica
             samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
-                     "sampler": samplers, "model_path": cfg.model.path}
+                     "sampler": samplers, "model_path": cfg.model.path, "data_fingerprint": data_fingerprint(data)}
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last,
                                  trainer=trainer, ctx=ctx)  # every rank takes part
         if stopping and step < total_steps:  # in the last step a stop finishes the run instead

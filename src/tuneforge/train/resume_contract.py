@@ -11,7 +11,9 @@
   keeps) would silently break the promise that a resumed run continues the same run, so a
   change is refused with ONE line listing every changed key as `key: old -> new` (exit 2).
 The number of ranks and the checkpoint format are checked against the checkpoint itself
-(train/checkpoint.py).
+(train/checkpoint.py), and the data against the checkpoint's `data_fingerprint` (the content
+digests of the data files with the tokenizer and template that tokenized them), so a data
+file edited in place is refused as well (`check_same_data`).
 
 The lr rule: the restored scheduler keeps its position (the optimizer steps taken); the lr of
 every later step is the NEW `train.lr` times the NEW schedule (`lr_scheduler`, `warmup_ratio`,
@@ -118,3 +120,19 @@ def apply_schedule(scheduler, lr: float) -> None:
         group["initial_lr"] = lr
         group["lr"] = rate
     scheduler._last_lr = rates
+
+
+def data_fingerprint(data) -> str:
+    """One digest of the training data's tokenization keys: file contents, tokenizer, template."""
+    import hashlib
+
+    return hashlib.blake2b("|".join(store.key for store in data.stores).encode(), digest_size=12).hexdigest()
+
+
+def check_same_data(state: dict, data, folder: Path) -> None:
+    """Refuse to resume `folder` on data other than the data it was trained on."""
+    saved = state.get("data_fingerprint")
+    if saved is not None and saved != data_fingerprint(data):
+        raise UserError(f"--resume: the training data changed since {folder} was written "
+                        "(a data file's content, or the tokenizer or template that tokenizes it)",
+                        hint="restore the data the run started with, or start a new run (another train.work_dir, or --force)")
