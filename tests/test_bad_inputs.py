@@ -210,7 +210,8 @@ def test_resume_and_work_dir_mistakes(capsys, tmp_path, model_dir):
     assert main(["train", str(cfg), "train.save_every=1", "train.max_steps=2"]) == 0
     capsys.readouterr()
     expect(capsys, "already holds a run", "train", cfg)
-    expect(capsys, r"--resume: model.lora was None .*now", "train", cfg, "--resume", "model.lora.r=4")
+    expect(capsys, r"--resume cannot change the data stream or the model .*: model.lora: None -> \{'r': 4", "train", cfg,
+           "--resume", "model.lora.r=4")
     expect(capsys, "is not a complete checkpoint", "train", cfg, "--resume", tmp_path / "run" / "checkpoints")
 
 

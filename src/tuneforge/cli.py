@@ -79,7 +79,7 @@ def cmd_export(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
-    export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype)
+    export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype, force=args.force)
     print(f"wrote {args.out_dir}")
     return 0
 
@@ -89,7 +89,7 @@ def cmd_merge(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
-    merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype)
+    merge_adapter(args.base_dir, args.adapter_dir, args.out_dir, dtype=args.dtype, force=args.force)
     print(f"wrote {args.out_dir}")
     return 0
 
@@ -207,12 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR whole")
 
     p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model")
     p.add_argument("base_dir")
     p.add_argument("adapter_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR whole")
 
     p = verb("import-gguf", cmd_import_gguf, "turn a GGUF file into a trainable safetensors model folder")
     p.add_argument("file")
@@ -275,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         _end_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # training's first Ctrl-C saves and returns 130 itself (train/stops.py)
         _end_progress_bars()
-        print("interrupted", file=sys.stderr)
+        print("interrupted: stopped at once, nothing more was saved", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line unless --debug
         if debug:

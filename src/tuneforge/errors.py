@@ -10,6 +10,7 @@ import difflib
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: a run stopped on SIGTERM/SIGUSR1 after saving a checkpoint; --resume continues
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: a run stopped by Ctrl-C (after saving, on the first one)
 
 
 class UserError(Exception):

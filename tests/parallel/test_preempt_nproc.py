@@ -1,10 +1,13 @@
 """Preemption of a `NPROC_PER_NODE=2 tuneforge train` job: SIGTERM to the launching command
 reaches the ranks, they save a checkpoint and stop, the command exits with PREEMPTED_EXIT
-(as a single process does), and `--resume` finishes the run."""
+(as a single process does), and `--resume` finishes the run. A Ctrl-C at the terminal (SIGINT
+to the whole foreground process group) does the same with exit 130, without torchrun's
+tracebacks; while the job runs, its work dir is locked by the launching command."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +15,8 @@ import time
 
 from helpers import alpaca_records, build_tokenizer, make_tiny_model, write_config, write_jsonl
 from jobs import child_env
-from tuneforge.errors import PREEMPTED_EXIT
+from tuneforge.cli import main
+from tuneforge.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT
 from tuneforge.train.checkpoint import latest_checkpoint
 
 
@@ -41,9 +45,39 @@ def test_sigterm_to_nproc_job_saves_exits_75_and_resumes(tmp_path):
     saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert saved is not None and 3 <= int(saved.name.split("_")[1]) < steps
     assert "saved checkpoint at step" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out
 
     resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_ctrl_c_at_the_terminal_saves_and_exits_130_without_tracebacks(tmp_path, capsys):
+    tokenizer = build_tokenizer()
+    model_dir = make_tiny_model(tmp_path / "model", tokenizer)
+    write_jsonl(tmp_path / "d.jsonl", alpaca_records(400))
+    steps = 120
+    cfg = write_config(tmp_path / "c.yaml", model_dir, [{"path": "d.jsonl", "format": "alpaca"}],
+                       train={"max_steps": steps, "save_every": 0}, parallel={"strategy": "ddp"})
+    job = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg)], env=child_env(NPROC_PER_NODE="2"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.time() < deadline and job.poll() is None, "the job did not start training"
+            time.sleep(0.1)
+        assert main(["train", str(cfg), "--force"]) == 2  # the running job holds the work dir
+        assert f"is in use by pid {job.pid} on " in capsys.readouterr().err
+        os.killpg(job.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the foreground group
+        out, _ = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == INTERRUPTED_EXIT, out[-2000:]
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert saved is not None and 3 <= int(saved.name.split("_")[1]) < steps
+    assert f"interrupted (Ctrl-C): saved checkpoint at step {saved.name.split('_')[1]}; continue with --resume" in out
+    assert "Traceback" not in out and "ChildFailedError" not in out

@@ -25,3 +25,23 @@ def test_events_follow_metrics_through_a_resume(run_config, tmp_path):
     assert [value for _, value in scalars] == pytest.approx(losses(tmp_path / "tb"), rel=1e-6)
     assert losses(tmp_path / "tb") == first  # the resumed steps are the same steps
     assert {"lr", "grad_norm", "tokens_per_s"} <= set(events.Tags()["scalars"])
+
+
+def test_a_run_started_in_the_same_second_gets_a_later_events_name(tmp_path):
+    """The cause of a flake: events files are read in name order, and a second run in the same
+    second used to sort by pid and counter (`.10` before `.9`), not by age."""
+    import time
+
+    import torch.utils.tensorboard  # noqa: F401  imported now, so that the run below starts within the second
+
+    from tuneforge.train.metrics import MetricsLog
+
+    folder = tmp_path / "tensorboard"
+    folder.mkdir()
+    earlier = folder / f"events.out.tfevents.{int(time.time()):010d}.~.99999.99"  # '~' sorts after any host name
+    earlier.write_bytes(b"")
+    log = MetricsLog(tmp_path, resume_step=0)
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    names = sorted(p.name for p in folder.iterdir())
+    assert names[0] == earlier.name and len(names) == 2  # the new file sorts after the earlier one

@@ -6,7 +6,8 @@ LoRA adapter into its base (`merge_adapter`), exporting a training checkpoint's 
 hand the whole model back to be saved here: export uses the strategies, never the reverse),
 casting a saved folder's weights to another dtype, and `atomic_dir`: every output is written
 to a temp folder beside its target and renamed into place, so a crash never leaves a
-half-written model where a complete one is expected.
+half-written model where a complete one is expected. `export`/`merge` destinations are
+checked first (`tuneforge.model.destination`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from tuneforge.config import ModelConfig
 from tuneforge.errors import UserError
 from tuneforge.model.adapter_base import check_adapter_base
+from tuneforge.model.destination import check_destination
 from tuneforge.model.load import load_model, load_tokenizer, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -30,23 +32,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 @contextmanager
 def atomic_dir(out_dir: str | Path):
-    """Yield a fresh temp folder beside `out_dir`; on success it replaces `out_dir`."""
-    out = Path(out_dir)
+    """Yield a fresh temp folder beside `out_dir`; on success it replaces `out_dir` (a folder or
+    a file). Whatever fails, no temp folder is left behind and the old `out_dir` stays."""
+    out = Path(out_dir).resolve()  # "." has no name to put a temp folder beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old = None
     try:
         yield tmp
+        if out.exists() or out.is_symlink():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            old.rename(out)  # put the old destination back
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def convert_folder_dtype(folder: str | Path, dtype: str | torch.dtype) -> None:
@@ -112,18 +120,21 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 
 def merge_adapter(
-    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32"
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32",
+    force: bool = False,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into the model in `base_dir`; save a plain HF folder.
 
     The merge is done in float32 and the result cast to `dtype`. The tokenizer comes from the
-    adapter folder when it holds one, else from the base.
+    adapter folder when it holds one, else from the base. `out_dir` must pass
+    `check_destination` (`force` replaces a non-empty one).
     """
     from peft import PeftModel
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    check_destination(out_dir, [base_dir, adapter_dir], force)
     target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
     check_adapter_base(base_dir, adapter)  # trained on another base: one line naming both
     base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
@@ -133,12 +144,14 @@ def merge_adapter(
 
 
 def export_checkpoint(
-    ckpt_dir: str | Path, out_dir: str | Path, merge_lora: bool = False, dtype: str | torch.dtype | None = None
+    ckpt_dir: str | Path, out_dir: str | Path, merge_lora: bool = False, dtype: str | torch.dtype | None = None,
+    force: bool = False,
 ) -> Path:
     """Export the `model/` of a training checkpoint (or a run's `final/`) to `out_dir`.
 
     An adapter is merged into the base its `adapter_config.json` names when `merge_lora`, else
     copied; a full model is copied. `dtype` casts the weights (merges default to float32).
+    `out_dir` must pass `check_destination` (`force` replaces a non-empty one).
     """
     model_dir = Path(ckpt_dir) / "model"
     if not model_dir.is_dir():  # a run's final/ (or any HF / adapter folder) is its own model folder
@@ -146,6 +159,7 @@ def export_checkpoint(
     if not ((model_dir / "config.json").is_file() or (model_dir / "adapter_config.json").is_file()):
         raise UserError(f"{ckpt_dir} is neither a checkpoint (with model/) nor a model or adapter folder",
                         hint="pass checkpoints/step_N or final/ of a run")
+    check_destination(out_dir, [ckpt_dir], force)
     adapter_config = model_dir / "adapter_config.json"
     if merge_lora and adapter_config.is_file():
         base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
@@ -154,7 +168,7 @@ def export_checkpoint(
                 f"the adapter in {model_dir} names base model {base!r}, which is not a local folder",
                 hint=f"fix base_model_name_or_path in {adapter_config}, or export without merging",
             )
-        return merge_adapter(base, model_dir, out_dir, dtype if dtype is not None else "float32")
+        return merge_adapter(base, model_dir, out_dir, dtype if dtype is not None else "float32", force=force)
     if not any(model_dir.glob("*.safetensors")) and (Path(ckpt_dir) / "dcp").is_dir():
         from tuneforge.parallel.fsdp import consolidated_model  # an FSDP checkpoint: consolidate its shards
 

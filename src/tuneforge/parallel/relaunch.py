@@ -12,6 +12,7 @@ torch is not imported here: the relaunching parent never needs it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -139,35 +140,35 @@ def child_pids(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def _forward_signals(proc: subprocess.Popen) -> Iterator[None]:
+def _forward_signals(proc: subprocess.Popen) -> Iterator[list]:
+    """Forward stop signals to torchrun's workers while the `with` block runs; yields a list
+    that is non-empty once a second Ctrl-C has killed torchrun and its workers."""
+    aborted: list = []
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
+        yield aborted  # signal handlers can only be installed from the main thread
         return
+    interrupts = itertools.count(1)
 
     def forward(signum, frame):
-        if proc.poll() is not None or _tty_delivers_to_child(signum):
+        if proc.poll() is not None:
             return
-        workers = child_pids(proc.pid) if signum != signal.SIGINT else []
+        workers = child_pids(proc.pid)  # each in a session of its own (torchrun starts them so)
+        if signum == signal.SIGINT and next(interrupts) > 1:  # a second Ctrl-C: abort now
+            aborted.append(signum)
+            for pid in [proc.pid, *workers]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return
         for pid in workers:  # a stop request: the workers save and exit by themselves
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        if not workers:
-            proc.send_signal(signal.SIGTERM if signum != signal.SIGINT else signum)
+        if not workers:  # not started yet: torchrun stops what it has
+            proc.send_signal(signal.SIGTERM)
 
     stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])
     previous = {sig: signal.signal(sig, forward) for sig in stops}
     try:
-        yield
+        yield aborted
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _tty_delivers_to_child(signum: int) -> bool:
-    """True for a Ctrl-C typed at the terminal: it already reached the child (same process group)."""
-    if signum != signal.SIGINT:
-        return False
-    try:
-        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return False

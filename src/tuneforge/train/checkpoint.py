@@ -68,22 +68,69 @@ def write_manifest(folder: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps({"files": files}, indent=1))
 
 
-def is_complete(folder: Path, verify_hashes: bool = False) -> bool:
-    """True when `folder` has a manifest and every listed file has its size (and hash)."""
+def checkpoint_problem(folder: Path, verify_hashes: bool = False) -> str | None:
+    """What is wrong with `folder` against its manifest (sizes, and hashes when asked); None if nothing."""
     manifest = folder / "manifest.json"
     if not manifest.is_file():
-        return False
+        return "no manifest.json (an unfinished save)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return False
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
     for name, meta in files.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != meta["size"]:
-            return False
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest.json says {meta['size']}"
         if verify_hashes and _sha256(path) != meta["sha256"]:
-            return False
-    return True
+            return f"{name} does not match its sha256 in manifest.json"
+    return None
+
+
+def is_complete(folder: Path, verify_hashes: bool = False) -> bool:
+    """True when `folder` has a manifest and every listed file has its size (and hash)."""
+    return checkpoint_problem(folder, verify_hashes) is None
+
+
+def resume_checkpoint(root: Path, resume: str, ctx=None, log=print) -> Path:
+    """The checkpoint `--resume` starts from (`resume` is "latest" or a folder), every file
+    verified against its manifest's sha256. "latest" falls back past corrupt checkpoints,
+    naming each; none left, or a corrupt folder given by name, is a UserError. Rank 0 reads
+    the files and every rank gets its answer."""
+    ctx = ctx or LocalContext()
+    chosen, error = None, None
+    if ctx.is_main:
+        try:
+            chosen = str(_verified_checkpoint(root, resume, log))
+        except UserError as exc:
+            error = exc
+    chosen, message = ctx.all_gather_object((chosen, None if error is None else str(error)))[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return Path(chosen)
+
+
+def _verified_checkpoint(root: Path, resume: str, log) -> Path:
+    if resume != "latest":
+        if not Path(resume).is_dir():
+            raise UserError(f"--resume: checkpoint folder not found: {resume}", hint="pass a checkpoints/step_N folder")
+        read_state(Path(resume))  # a folder that is no checkpoint at all: said so
+        problem = checkpoint_problem(Path(resume), verify_hashes=True)
+        if problem is not None:
+            raise UserError(f"checkpoint {resume} is not intact: {problem}",
+                            hint="resume from another checkpoints/step_N, or with --resume alone from the newest intact one")
+        return Path(resume)
+    found = complete_checkpoints(root)
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder, verify_hashes=True)
+        if problem is None:
+            return folder
+        log(f"checkpoint {folder} is corrupt ({problem}): skipped, trying the one before")
+    raise UserError(f"--resume: no intact checkpoint in {root}" + (f" ({len(found)} corrupt)" if found else ""),
+                    hint="start over with --force")
 
 
 def rng_state() -> dict:
@@ -106,7 +153,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int,
                     tokenizer=None, *, trainer=None, ctx=None) -> Path:
-    """Write `root/step_{step}` atomically, then prune to the newest `keep_last`.
+    """Write `root/step_{step}` atomically, then prune to the newest `keep_last` up to `step`.
 
     With a distributed `ctx` this is a collective: every rank calls it. `trainer` is the
     wrapped training module (needed for FSDP's sharded state).
@@ -152,16 +199,41 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
             if final.exists():  # an older run's step with the same number: replace it whole
                 shutil.rmtree(final)
             os.rename(tmp, final)
-    except OSError as exc:
-        raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}",
+    except Exception as exc:  # noqa: BLE001 - the filesystem's error, whichever library raised it
+        reason = write_failure(exc, root)
+        if reason is None:
+            raise
+        raise UserError(f"could not write checkpoint {final}: {reason}",
                         hint="the previous checkpoint is intact; free disk space and --resume") from None
     finally:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     ctx.barrier()
     if ctx.is_main:
-        prune(root, keep_last)
+        prune(root, keep_last, upto=step)
     return final
+
+
+def write_failure(exc: BaseException, folder: Path | None = None) -> str | None:
+    """The reason a save into `folder` failed when `exc` is a failed write (from Python,
+    safetensors or torch.save), normalised so that a full disk reads the same whichever
+    library noticed (torch.save says only "file write failed"); None for any other error."""
+    import errno
+
+    text = str(exc)
+    if isinstance(exc, OSError):
+        return os.strerror(exc.errno) if exc.errno else (exc.strerror or text)
+    if "Disk quota exceeded" in text or "os error 122" in text:
+        return os.strerror(errno.EDQUOT)
+    if any(marker in text for marker in ("No space left on device", "StorageFull", "os error 28")):
+        return os.strerror(errno.ENOSPC)
+    if type(exc).__name__ == "SafetensorError" or "file write failed" in text or "IoError" in text:
+        try:
+            nearly_full = folder is not None and shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            nearly_full = False
+        return os.strerror(errno.ENOSPC) if nearly_full else (text.splitlines()[0] if text else type(exc).__name__)
+    return None
 
 
 def _format(ctx) -> str:
@@ -222,9 +294,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temporaries."""
-    for _, path in complete_checkpoints(root)[:-keep_last]:
+def prune(root: Path, keep_last: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temporaries.
+
+    With `upto`, only checkpoints up to that step count and go: ones from a later step (left
+    by a run resumed from an earlier or a verified-good checkpoint past a corrupt one) stay
+    until this run saves that step again, so they never crowd out the new ones."""
+    found = [(step, path) for step, path in complete_checkpoints(root) if upto is None or step <= upto]
+    for _, path in found[:-keep_last]:
         doomed = path.with_name(f".del-{path.name}")
         os.rename(path, doomed)  # atomic: never a half-deleted step_N
         shutil.rmtree(doomed, ignore_errors=True)

@@ -5,7 +5,8 @@ resumes from a checkpoint when asked; then runs optimizer steps. Each step takes
 `micro_batch_size x gradient_accumulation` rows, sums the cross-entropy of every loss token
 and divides by the step's total loss-token count (token-exact: accumulation k x micro m
 equals one micro-batch of k*m). It logs metrics, evaluates, checkpoints atomically, handles
-SIGTERM/SIGUSR1 (save, then exit with `PREEMPTED_EXIT`), and writes `final/` at the end.
+SIGTERM/SIGUSR1 and Ctrl-C (save, then exit 75 / 130; see train/stops.py), and writes `final/`
+at the end (also when a stop arrives during the last step).
 
 Every rank of a DDP/FSDP/DeepSpeed job runs this same function: `ctx` (a `LocalContext`, a
 `DistributedContext` or a `DeepSpeedContext`) wraps the model, reduces counts over ranks and
@@ -19,35 +20,21 @@ DeepSpeed's engine needs the optimizer at start and owns backward, clipping and 
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 
 import torch
 
 from tuneforge.config import dump_config
-from tuneforge.errors import PREEMPTED_EXIT, UserError  # PREEMPTED_EXIT: the exit code after a stop signal
+from tuneforge.errors import PREEMPTED_EXIT, UserError  # noqa: F401  PREEMPTED_EXIT: the exit code after a stop signal
+from tuneforge.train.resume_contract import apply_schedule, check_same_data, data_fingerprint
+from tuneforge.train.stops import StopFlag, last_step_message, stop_message
 
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); says where and what to look at."""
 
     code = 3
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1; the loop saves and exits after the current step."""
-
-    def __init__(self):
-        self.signal = None
-
-    def install(self):
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
 
 
 def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> int:
@@ -118,10 +105,10 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     ckpt_root = work_dir / "checkpoints"
     step, epoch, tokens_seen = 0, 0, 0
     if resume is not None:
-        folder = ckpt.latest_checkpoint(ckpt_root) if resume == "latest" else Path(resume)
-        if folder is None:
-            raise UserError(f"--resume: no complete checkpoint in {ckpt_root}", hint="start without --resume")
+        folder = ckpt.resume_checkpoint(ckpt_root, resume, ctx, log)  # hashes verified; corrupt ones skipped
         state = ckpt.load_checkpoint(folder, model, optimizer, scheduler, trainer=trainer, ctx=ctx)
+        apply_schedule(scheduler, tc.lr)  # the resume contract's lr rule (train/resume_contract.py)
+        check_same_data(state, data, folder)
         sampler.load_state_dict(state["sampler"][ctx.dp_rank])
         step, epoch, tokens_seen = state["step"], state["epoch"], state["tokens_seen"]
         log(f"resumed from {folder} at step {step}")
@@ -133,8 +120,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         log(f"model {Path(cfg.model.path).name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable; "
             f"{len(data)} rows/epoch, global batch {rows_per_step * ctx.dp_size} rows, {total_steps} steps")
 
-    stop = StopFlag()
-    stop.install()
+    stop = StopFlag().install()  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, stop (train/stops.py)
     progress = Progress(total_steps, step, enabled=ctx.is_main)
     started, window_tokens, window_start = time.time(), 0, time.time()
     curve: list[float] = []  # this process's step losses, for the closing summary
@@ -217,17 +203,18 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             # one sampler state per data-parallel replica: ranks are numbered replica by replica
             samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
-                     "sampler": samplers, "model_path": cfg.model.path}
+                     "sampler": samplers, "model_path": cfg.model.path, "data_fingerprint": data_fingerprint(data)}
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last, tokenizer,
                                  trainer=trainer, ctx=ctx)  # every rank takes part; the tokenizer makes it exportable
-        if stopping:
+        if stopping and step < total_steps:  # in the last step a stop finishes the run instead
             progress.close()
-            log(f"received {stop.signal or 'a stop signal on another rank'}: saved checkpoint at step {step}; "
-                "continue with --resume")
+            log(stop_message(stop.signal, step))
             metrics.close()
-            return PREEMPTED_EXIT
+            return max(ctx.all_gather_object(stop.exit_code))
 
     progress.close()
+    if stop.signal is not None:
+        log(last_step_message(stop.signal))
     final = ckpt.save_final_model(work_dir / "final", model, tokenizer, trainer=trainer, ctx=ctx)
     if ctx.is_main:
         k = max(1, min(5, len(curve) // 2))

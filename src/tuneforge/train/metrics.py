@@ -3,12 +3,15 @@
 `metrics.jsonl` gets one JSON object per optimizer step (`step, loss, lr, grad_norm, tokens,
 loss_tokens, tokens_per_s, elapsed_s`, plus `mfu` and `peak_mem_gb` where known) and one per
 evaluation (`eval_loss`, `samples`). On resume, rows after the resumed step are dropped so
-the file reads like one uninterrupted run.
+the file reads like one uninterrupted run. TensorBoard events go to `tensorboard/`, one
+file per run or resume, named so that name order is creation order.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 # dense bf16 peak FLOP/s of common accelerators, by a substring of the device name
@@ -95,7 +98,9 @@ class MetricsLog:
 
                 # purge_step: TensorBoard hides the earlier run's events from the resumed step on
                 purge = resume_step + 1 if resume_step is not None else None
-                self.writer = SummaryWriter(str(Path(work_dir) / "tensorboard"), purge_step=purge)
+                folder = Path(work_dir) / "tensorboard"
+                wait_for_a_later_events_name(folder)
+                self.writer = SummaryWriter(str(folder), purge_step=purge)
             except ImportError:
                 self.writer = None
 
@@ -113,6 +118,28 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+EVENTS_SECOND = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def wait_for_a_later_events_name(folder: Path, max_wait_s: float = 2.0) -> None:
+    """Wait until a new events file's name sorts after every file already in `folder`.
+
+    TensorBoard reads a folder's events files in name order, and a resumed run's purge only
+    works when its file comes after the earlier run's. The name starts with the second of
+    its creation and continues with the host, pid and a per-process counter, so two runs in
+    the same second sort by pid or by counter (`.10` before `.9`), not by age. Waiting for
+    the next second (at most once per run, and only when a run started within the same
+    second, as tests do) makes the name order the creation order. A file dated in the
+    future (a clock set back) is not waited for longer than `max_wait_s`.
+    """
+    seconds = [int(m.group(1)) for p in folder.glob("events.out.tfevents.*") if (m := EVENTS_SECOND.match(p.name))]
+    if not seconds:
+        return
+    deadline = time.monotonic() + max_wait_s
+    while int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _parse_rows(path: Path) -> list[dict]:

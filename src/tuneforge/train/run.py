@@ -24,44 +24,48 @@ Strategy (`parallel.strategy`), decided by `resolve_strategy`:
   before any rank starts).
 
 Owns the work-dir rules: a dir that already holds a run is refused unless `--resume`
-(continue it, with a compatible config) or `--force` (start over, clearing its
-checkpoints, metrics and final model). In a job only rank 0 checks and clears it.
+(continue it, with a config that keeps the resume contract) or `--force` (start over,
+clearing its checkpoints, metrics and final model once the new run's inputs passed their
+checks). In a job only rank 0 locks, checks and clears it; the lock is held until the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
 from tuneforge.errors import UserError
 from tuneforge.parallel.mesh import check_model_for_mesh
+from tuneforge.train.workdir_lock import LOCK_HELD_ENV, work_dir_lock
 
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "tensorboard")
 
 
 def prepare_work_dir(cfg, work_dir: Path, resume: str | None, force: bool) -> None:
-    """Check that `work_dir` may be used for this run, clearing it under --force."""
+    """Check that `work_dir` may be used for this run, clearing it under --force (the caller
+    holds the work-dir lock). On --resume the config must keep the resume contract
+    (train/resume_contract.py); --force clears only after the new run's inputs passed every
+    check that can be made before training (train/preflight.py)."""
+    from tuneforge.train.resume_contract import check_resume_contract
+
     saved = work_dir / "config.yaml"
     holds_run = saved.is_file() and any((work_dir / name).exists() for name in RUN_FILES)
     if resume is not None:
         if resume == "latest" and not (work_dir / "checkpoints").is_dir():
             raise UserError(f"--resume: {work_dir} holds no checkpoints", hint="start without --resume")
-        if saved.is_file():
-            old = yaml.safe_load(saved.read_text()) or {}
-            for key in ("path", "lora"):
-                was, now = (old.get("model") or {}).get(key), cfg.model.model_dump(mode="json")[key]
-                if was != now:
-                    raise UserError(f"--resume: model.{key} was {was!r} in {saved}, now {now!r}",
-                                    hint="resume with the config the run started with, or use a new train.work_dir")
+        source = Path(resume).parent.parent / "config.yaml" if resume != "latest" else saved
+        check_resume_contract(cfg, source if source.is_file() else saved)
         return
     if holds_run and not force:
         raise UserError(f"{work_dir} already holds a run", hint="continue it with --resume, start over with --force, "
                         "or set train.work_dir")
     if holds_run and force:
+        from tuneforge.train.preflight import check_run_inputs
+
+        check_run_inputs(cfg)  # a typo must not cost the old run
         for name in RUN_FILES:
             path = work_dir / name
             if path.is_dir():
@@ -152,19 +156,24 @@ def run_train(cfg, args) -> int:
         if resolve_strategy(cfg.parallel, plan.nproc_per_node * plan.nnodes, deepspeed) == "deepspeed":
             deepspeed_context(cfg, None, deepspeed)
         check_model_for_mesh(cfg.model, cfg.parallel)  # heads vs sequence/tensor parallel
-        if plan.node_rank == 0:
-            prepare_work_dir(cfg, work_dir, args.resume, args.force)
-        if plan.note:
-            print(plan.note, file=sys.stderr)
         argv = getattr(args, "argv", None)
         if argv is None:
             raise UserError("cannot relaunch: the command line is unknown", hint="start with torchrun instead")
-        return relaunch_with_torchrun(plan, argv)
+        with contextlib.ExitStack() as held:
+            environ = dict(os.environ)
+            if plan.node_rank == 0:  # this parent holds the work-dir lock for the whole job
+                held.enter_context(work_dir_lock(work_dir))
+                prepare_work_dir(cfg, work_dir, args.resume, args.force)
+                environ[LOCK_HELD_ENV] = str(work_dir.resolve())
+            if plan.note:
+                print(plan.note, file=sys.stderr)
+            return relaunch_with_torchrun(plan, argv, environ=environ)
 
-    from tuneforge.errors import PREEMPTED_EXIT
+    from tuneforge.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT
     from tuneforge.parallel.relaunch import PREEMPT_MARKER_ENV
     from tuneforge.quiet import quiet_libraries  # torch and transformers: not in a relaunching parent
     from tuneforge.train.loop import train
+    from tuneforge.train.stops import signal_handlers_restored
 
     env = launch_env(getattr(args, "launcher", None), os.environ)
     strategy = resolve_strategy(cfg.parallel, env.world_size, deepspeed)
@@ -177,14 +186,14 @@ def run_train(cfg, args) -> int:
 
             env = LaunchEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "pytorch")
     quiet_libraries()
-    with init_distributed(env, timeout_s=cfg.parallel.timeout_s) as dist_ctx:
+    with init_distributed(env, timeout_s=cfg.parallel.timeout_s) as dist_ctx, contextlib.ExitStack() as held:
         ctx = build_context(cfg, dist_ctx, strategy, deepspeed)
-        # rank 0 checks (and under --force clears) the work dir; the others follow its verdict
+        # rank 0 locks, checks (and under --force clears) the work dir; the others follow its verdict
         error = None
         if ctx.is_main:
             try:
+                held.enter_context(work_dir_lock(work_dir))
                 prepare_work_dir(cfg, work_dir, args.resume, args.force)
-                work_dir.mkdir(parents=True, exist_ok=True)
             except UserError as exc:
                 error = exc
         verdict = ctx.all_gather_object(None if error is None else str(error))[0]
@@ -205,10 +214,13 @@ def run_train(cfg, args) -> int:
         elif cfg.parallel.strategy in ("ddp", "fsdp"):
             log(f"note: parallel.strategy {cfg.parallel.strategy} with one process: training as a single process")
         try:
-            code = train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)
+            with signal_handlers_restored():
+                code = train(cfg, resume=args.resume, work_dir=work_dir, ctx=ctx, log=log)
             marker = os.environ.get(PREEMPT_MARKER_ENV)
-            if code == PREEMPTED_EXIT and ctx.is_main and marker:  # tell a NPROC_PER_NODE parent: saved
-                Path(marker).touch()
+            if code in (PREEMPTED_EXIT, INTERRUPTED_EXIT) and marker:  # a NPROC_PER_NODE parent reports it;
+                if ctx.is_main:  # torchrun sees a clean exit and prints no failure report
+                    Path(marker).write_text(str(code))
+                return 0
             return code
         except RuntimeError as exc:  # a collective failed: name the rank that died or hangs
             lost = dist_ctx.lost_peer_error(exc)
