@@ -93,7 +93,7 @@ def torchrun_command(plan: SpawnPlan, argv: Sequence[str], target: Sequence[str]
     return [sys.executable, "-m", "torch.distributed.run", *plan.torchrun_args(), *target, *argv]
 
 
-PREEMPT_MARKER_ENV = "TUNEFORGE_PREEMPT_MARKER"  # rank 0 touches this file after saving on a stop signal
+PREEMPT_MARKER_ENV = "TUNEFORGE_PREEMPT_MARKER"  # rank 0 writes its exit code here after saving on a stop
 
 
 def relaunch_with_torchrun(plan: SpawnPlan, argv: Sequence[str], *, target: Sequence[str] = DEFAULT_TARGET,
@@ -101,25 +101,32 @@ def relaunch_with_torchrun(plan: SpawnPlan, argv: Sequence[str], *, target: Sequ
     """Run `target argv` under torchrun as planned and return its exit status.
 
     NPROC_PER_NODE is removed from the children's environment so they do not relaunch
-    again. SIGINT is forwarded to torchrun, which stops its workers. SIGTERM and SIGUSR1
-    (preemption) go to the workers themselves: they finish the step, save a checkpoint and
-    exit, however long that takes (torchrun, signalled itself, would SIGKILL them after 30 s).
-    torchrun then reports the workers' non-zero exit as a failure; when rank 0 confirmed
-    its save (the marker file of `PREEMPT_MARKER_ENV`) the status is `PREEMPTED_EXIT`,
-    as for a single process.
+    again. torchrun runs in a process group of its own, so a Ctrl-C at the terminal reaches
+    only this process, which forwards it: stop requests (SIGTERM, SIGUSR1, the first SIGINT)
+    go to the workers themselves, which finish the step, save a checkpoint and exit, however
+    long that takes (torchrun, signalled itself, would kill them after 30 s and print its
+    tracebacks). After such a stop rank 0 writes its exit code (75, or 130 for Ctrl-C) to the
+    marker file of `PREEMPT_MARKER_ENV` and every rank exits 0, so torchrun reports no
+    failure; that code is returned here. A second Ctrl-C kills torchrun and the workers at
+    once (exit 130).
     """
-    from tuneforge.errors import PREEMPTED_EXIT
+    from tuneforge.errors import INTERRUPTED_EXIT, PREEMPTED_EXIT
 
     child_env = dict(os.environ if environ is None else environ)
     child_env.pop("NPROC_PER_NODE", None)
     with tempfile.TemporaryDirectory(prefix="tuneforge-relaunch-") as tmp:
         marker = os.path.join(tmp, "preempted")
         child_env[PREEMPT_MARKER_ENV] = marker
-        proc = subprocess.Popen(torchrun_command(plan, argv, target), env=child_env)
-        with _forward_signals(proc):
+        proc = subprocess.Popen(torchrun_command(plan, argv, target), env=child_env, process_group=0)
+        with _forward_signals(proc) as aborted:
             code = proc.wait()
+        if aborted:
+            print("interrupted: stopped at once, nothing more was saved", file=sys.stderr)
+            return INTERRUPTED_EXIT
         if os.path.exists(marker):
-            return PREEMPTED_EXIT
+            with open(marker) as handle:
+                text = handle.read().strip()
+            return int(text) if text.isdigit() else PREEMPTED_EXIT
     return code if code >= 0 else 128 - code  # killed by signal N -> 128+N, like a shell
 
 
