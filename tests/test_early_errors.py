@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tuneforge
+
 SCRIPT = ("import sys; from tuneforge.cli import main; code = main(sys.argv[1:]); "
           "print('torch imported:', 'torch' in sys.modules); sys.exit(code)")
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(tuneforge.__file__).resolve().parents[1])  # the tuneforge under test
 
 
 @pytest.fixture

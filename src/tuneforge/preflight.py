@@ -1,8 +1,8 @@
 """Checks that run before torch or transformers is imported, so common mistakes fail in a second.
 
 Owns the early, cheap checks of a config: every dataset path exists and its first record
-parses, the template name is known, the model folder exists with a `config.json` and weight
-files, and (for `train`) that evaluation settings make sense: `data.eval_split` without
+parses, the template name is known, the model folder exists (for `train`, with a `config.json`
+and weight files), and (for `train`) that evaluation settings make sense: `data.eval_split` without
 `train.eval_every` would hold data out for nothing, and `train.eval_every` without eval data
 would evaluate nothing; both are errors, while `data.eval_datasets` never evaluated is a
 warning (nothing is withheld). A missing path's message says where the path was written
@@ -31,14 +31,17 @@ def _path_hint(cfg, key: str, fix: str) -> str:
     return fix
 
 
-def check_model_path(cfg) -> None:
-    """model.path: a folder with config.json and weight files (not whether they load)."""
+def check_model_path(cfg, weights: bool = True) -> None:
+    """model.path: a folder, with config.json and weight files when `weights` (not whether they
+    load); without, as `check-data` and `tokenize` need only the tokenizer in it."""
     if not cfg.model.path:
         raise UserError("model.path is not set", hint="point model.path at a Hugging Face model folder")
     folder = Path(cfg.model.path)
     if not folder.is_dir():
         raise UserError(f"model folder not found: {folder}",
                         hint=_path_hint(cfg, "model.path", "models are never downloaded"))
+    if not weights:
+        return
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json",
                         hint="model.path must be a Hugging Face model folder (save_pretrained)")
@@ -102,8 +105,8 @@ def check_eval_settings(cfg, warn=print) -> None:
 
 
 def check_before_loading(cfg, *, training: bool = False, warn=print) -> None:
-    """All of the above (the eval checks only when `training`); raises the first problem as a UserError."""
-    check_model_path(cfg)
+    """All of the above (model weights and eval checks only when `training`); raises the first problem."""
+    check_model_path(cfg, weights=training)
     if not cfg.data.datasets:
         raise UserError("data.datasets is empty", hint="add at least one {path, format} entry")
     check_template_name(cfg)

@@ -7,7 +7,7 @@ import pytest
 from helpers import make_tiny_model, write_config, write_jsonl
 
 from tuneforge.cli import main
-from tuneforge.data.records import conversation_issues, read_samples, Message
+from tuneforge.data.records import Message, read_samples
 from tuneforge.errors import DataError
 
 
@@ -132,6 +132,8 @@ def conversation(*turns):
 
 
 def test_conversation_issues_kinds():
+    from tuneforge.data.records import conversation_issues
+
     m = [Message(r, c) for r, c in [("system", "s"), ("user", "u"), ("assistant", "a")]]
     assert conversation_issues(m) == []
     assert conversation_issues([Message("user", "u"), Message("user", "v"), Message("assistant", "a")]) == ["roles_out_of_order"]

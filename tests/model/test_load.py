@@ -70,7 +70,7 @@ def test_tokenizer_gets_pad_token_without_resizing(tiny_model_dir, tiny_tokenize
 
 
 def test_tokenizer_missing_folder(tmp_path):
-    with pytest.raises(UserError, match="tokenizer folder not found"):
+    with pytest.raises(UserError, match="^model folder not found"):
         load_tokenizer(tmp_path / "nope")
 
 

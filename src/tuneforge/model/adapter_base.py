@@ -88,6 +88,8 @@ def check_adapter_base(base_dir: str | Path, adapter_dir: str | Path, warn=None)
     (default: print to stderr) gets the line about a same-shaped but different base."""
     warn = warn or (lambda line: print(line, file=sys.stderr))
     base, adapter = Path(base_dir), Path(adapter_dir)
+    if not base.is_dir():
+        return  # loading the base reports the missing folder
     try:
         recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     except (OSError, ValueError):
