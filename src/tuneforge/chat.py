@@ -1,37 +1,23 @@
-"""`tuneforge chat`: talk to a model folder (optionally with a LoRA adapter).
+"""`tuneforge chat`: talk to a model folder, a run or a checkpoint (optionally with a LoRA adapter).
 
-Uses the same template code as training (`--template`, default the tokenizer's own) and
-stops at the template's end-of-turn token. With `--prompt` it prints one answer and exits;
-otherwise it is a REPL (`/reset` clears the history, `/exit` or Ctrl-D quits).
+Uses the same template code as training: `--template`, else the template the run trained
+with (recorded in `tuneforge.json` beside the weights, see `model.run_template`), else the
+tokenizer's own. Stops at the template's end-of-turn token. With `--prompt` it prints one
+answer and exits; otherwise it is a REPL (`/reset` clears the history, `/exit` or Ctrl-D quits).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-from tuneforge.errors import UserError
 
 
-def load_for_chat(model_dir: str, adapter: str | None):
-    import torch
+def load_for_chat(model_dir: str, adapter: str | None, template: str | None = None):
+    """(model, tokenizer, template name) for a MODEL_DIR|RUN_DIR|CKPT and optional adapter."""
+    from tuneforge.model.source import load_for_inference, resolve_source
 
-    from tuneforge.config import ModelConfig
-    from tuneforge.model.load import load_model, load_tokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    model = load_model(ModelConfig(path=model_dir, dtype=dtype, attn_implementation="sdpa"), device=device)
-    tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if adapter:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    return model, tokenizer
+    source = resolve_source(model_dir, adapter, template)
+    model, tokenizer = load_for_inference(source)
+    return model, tokenizer, source.template
 
 
 def run_chat(args) -> int:
@@ -40,14 +26,13 @@ def run_chat(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
-    model, tokenizer = load_for_chat(args.model_dir, args.adapter)
-    template = args.template or "tokenizer"
+    model, tokenizer, template = load_for_chat(args.model_dir, args.adapter, args.template)
     system = [Message("system", args.system)] if args.system else []
     if args.prompt is not None:
         print(generate_reply(model, tokenizer, template, system + [Message("user", args.prompt)], args.max_new_tokens))
         return 0
     history: list[Message] = []
-    print("chat: /reset clears the history, /exit quits", file=sys.stderr)
+    print(f"chat ({template} template): /reset clears the history, /exit quits", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()

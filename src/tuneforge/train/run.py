@@ -51,7 +51,7 @@ def prepare_work_dir(cfg, work_dir: Path, resume: str | None, force: bool) -> No
             raise UserError(f"--resume: {work_dir} holds no checkpoints", hint="start without --resume")
         if saved.is_file():
             old = yaml.safe_load(saved.read_text()) or {}
-            for key in ("path", "lora"):
+            for key in ("path", "lora", "adapter"):
                 was, now = (old.get("model") or {}).get(key), cfg.model.model_dump(mode="json")[key]
                 if was != now:
                     raise UserError(f"--resume: model.{key} was {was!r} in {saved}, now {now!r}",
