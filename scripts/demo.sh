@@ -25,4 +25,4 @@ tuneforge train "$RECIPE" model.path="$MODEL" --work-dir runs/smollm2-gsm8k-lora
 QUESTION="A baker makes 12 muffins per tray and bakes 4 trays. She sells 30 muffins. How many muffins are left?"
 echo "Q: $QUESTION"
 echo -n "A: "
-tuneforge chat "$MODEL" --adapter runs/smollm2-gsm8k-lora/final --template chatml --max-new-tokens 160 --prompt "$QUESTION"
+tuneforge chat "$MODEL" --adapter runs/smollm2-gsm8k-lora/final --max-new-tokens 160 --prompt "$QUESTION"

@@ -1,46 +1,23 @@
-"""`tuneforge chat`: talk to a model folder (optionally with a LoRA adapter).
+"""`tuneforge chat`: talk to a model folder, a run or a checkpoint (optionally with a LoRA adapter).
 
-Uses the same template code as training (`--template`, default the tokenizer's own) and
-stops at the template's end-of-turn token. With `--prompt` it prints one answer and exits;
-otherwise it is a REPL (`/reset` clears the history, `/exit` or Ctrl-D quits).
+Uses the same template code as training: `--template`, else the template the run trained
+with (recorded in `tuneforge.json` beside the weights, see `model.run_template`), else the
+tokenizer's own. Stops at the template's end-of-turn token. With `--prompt` it prints one
+answer and exits; otherwise it is a REPL (`/reset` clears the history, `/exit` or Ctrl-D quits).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-from tuneforge.errors import UserError
 
 
 def load_for_chat(model_dir: str, adapter: str | None, template: str | None = None):
-    """(model, tokenizer) for chatting; with `template`, that is checked before the model loads."""
-    import torch
+    """(model, tokenizer, template name) for a MODEL_DIR|RUN_DIR|CKPT and optional adapter."""
+    from tuneforge.model.source import load_for_inference, resolve_source
 
-    from tuneforge.config import ModelConfig
-    from tuneforge.model.load import load_model, load_tokenizer
-
-    if adapter:
-        from tuneforge.model.adapter_base import check_adapter_base
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-        check_adapter_base(model_dir, adapter, warn=lambda m: print(m, file=sys.stderr))
-    tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
-    if not Path(model_dir).is_dir():
-        raise UserError(f"model folder not found: {model_dir}", hint="check the MODEL_DIR argument")
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if template is not None:
-        check_template(template, tokenizer, tokenizer_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    model = load_model(ModelConfig(path=model_dir, dtype=dtype, attn_implementation="sdpa"), device=device)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    return model, tokenizer
+    source = resolve_source(model_dir, adapter, template)
+    model, tokenizer = load_for_inference(source)
+    return model, tokenizer, source.template
 
 
 def check_template(name: str, tokenizer, folder: str) -> None:
@@ -64,14 +41,13 @@ def run_chat(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
-    template = args.template or "tokenizer"
-    model, tokenizer = load_for_chat(args.model_dir, args.adapter, template)
+    model, tokenizer, template = load_for_chat(args.model_dir, args.adapter, args.template)
     system = [Message("system", args.system)] if args.system else []
     if args.prompt is not None:
         print(generate_reply(model, tokenizer, template, system + [Message("user", args.prompt)], args.max_new_tokens))
         return 0
     history: list[Message] = []
-    print("chat: /reset clears the history, /exit quits", file=sys.stderr)
+    print(f"chat ({template} template): /reset clears the history, /exit quits", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()

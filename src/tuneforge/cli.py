@@ -74,6 +74,12 @@ def cmd_chat(args) -> int:
     return run_chat(args)
 
 
+def cmd_eval(args) -> int:
+    from tuneforge.eval.run import run_eval
+
+    return run_eval(args)
+
+
 def cmd_export(args) -> int:
     from tuneforge.model.export import export_checkpoint
     from tuneforge.quiet import quiet_libraries
@@ -195,12 +201,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
 
     p = verb("chat", cmd_chat, "talk to a model (interactive, or one answer with --prompt)")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", help="a model folder, a run's work dir (its final/) or a checkpoint")
     p.add_argument("--adapter", help="a LoRA adapter folder to apply")
-    p.add_argument("--template", default=None, help="chat template name (default: the tokenizer's)")
+    p.add_argument("--template", default=None,
+                   help="chat template name (default: the one the run trained with, else the tokenizer's)")
     p.add_argument("--prompt", help="answer this one prompt and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
+
+    p = verb("eval", cmd_eval, "score a model, run or checkpoint on a data file (or --compare two results)")
+    p.add_argument("model", nargs="?", help="a model folder, a run's work dir (its final/), a checkpoint or an adapter")
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply")
+    p.add_argument("--data", help="records to score (.jsonl, .json or a folder)")
+    p.add_argument("--format", default="alpaca", choices=["alpaca", "openai", "sharegpt", "xtuner", "text"])
+    p.add_argument("--columns", metavar="OURS=YOURS,...", help="field mapping, e.g. instruction=question,output=answer")
+    p.add_argument("--metric", default="loss", choices=["gsm8k", "exact", "regex", "contains", "loss"],
+                   help="how an answer is scored (default loss: mean loss and perplexity of the references)")
+    p.add_argument("--pattern", metavar="REGEX", help="--metric regex: the answer is the pattern's one group")
+    p.add_argument("--template", default=None, help="chat template (default: the one the run trained with)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="score the first N records")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    p.add_argument("--max-length", type=int, default=2048, metavar="N", help="--metric loss: tokens per record")
+    p.add_argument("--out", metavar="FILE.json", help="write the summary here and the samples to FILE.samples.jsonl")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two --out summaries (paired test)")
 
     p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder")
     p.add_argument("ckpt_dir")

@@ -61,6 +61,10 @@ class ModelConfig(Section):
                                                           "(only safetensors unless you trust the files).")
     lora: Optional[LoraConfig] = Field(None, description="null for full fine-tuning, or LoRA settings such as "
                                                           "{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}.")
+    adapter: Optional[str] = Field(None, description=(
+        "A PEFT LoRA adapter folder (e.g. a run's final/) to start from: training continues its weights, with "
+        "the rank, alpha, dropout and target modules saved in its adapter_config.json; null trains a new adapter "
+        "(model.lora) or the full model."))
     quantization: Optional[QuantizationConfig] = Field(
         None, description="null, or {bits: 4} for QLoRA (needs model.lora, a CUDA GPU and bitsandbytes).")
 
@@ -132,6 +136,19 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps when eval data exists (0 = never).")
     eval_prompts: list[str] = Field(default_factory=list, description="Prompts whose generations are logged at "
                                                                       "each evaluation.")
+    eval_at_start: bool = Field(False, description=(
+        "Evaluate once before the first step (logged as step 0), e.g. to score the starting model; needs "
+        "data.eval_datasets or data.eval_split."))
+    eval_metric: Optional[Literal["gsm8k", "exact", "regex", "contains"]] = Field(None, description=(
+        "At each evaluation also generate greedy answers to the eval samples and log their accuracy as "
+        "eval_accuracy: gsm8k (number after ####, else the last one), exact, regex (train.eval_metric_pattern) "
+        "or contains; null = eval loss only."))
+    eval_metric_samples: int = Field(64, gt=0, description=(
+        "How many eval samples (the first ones, in file order) train.eval_metric generates answers for."))
+    eval_max_new_tokens: int = Field(256, gt=0, description=(
+        "Longest answer train.eval_metric generates, in tokens (generation also stops at the end-of-turn token)."))
+    eval_metric_pattern: Optional[str] = Field(None, description=(
+        "The regular expression of train.eval_metric: regex, with exactly one group: the answer."))
     work_dir: str = Field("runs/default", description="The run directory: config.yaml, metrics.jsonl, "
                                                       "checkpoints/, final/.")
     loss_chunk_size: int = Field(1024, gt=0, description="Loss tokens per chunk of the LM head + cross-entropy "
@@ -173,14 +190,30 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
-        if self.model.quantization is not None and self.model.lora is None:
-            raise ValueError("model.quantization (QLoRA) needs model.lora to be set")
+        if self.model.quantization is not None and self.model.lora is None and self.model.adapter is None:
+            raise ValueError("model.quantization (QLoRA) needs model.lora (or model.adapter) to be set")
+        if self.model.adapter is not None and self.model.lora is not None:
+            raise ValueError("model.adapter continues an adapter with the LoRA settings saved in it; "
+                             "remove model.lora (or model.adapter to train a new one)")
+        train = self.train
+        if (train.eval_at_start or train.eval_metric) and not (self.data.eval_datasets or self.data.eval_split > 0):
+            key = "train.eval_at_start" if train.eval_at_start else "train.eval_metric"
+            raise ValueError(f"{key} needs eval data: set data.eval_datasets or data.eval_split")
+        if train.eval_metric == "regex":
+            import re
+
+            try:
+                groups = re.compile(train.eval_metric_pattern or "").groups
+            except re.error as exc:
+                raise ValueError(f"train.eval_metric_pattern is not a valid regular expression: {exc}") from None
+            if groups != 1:
+                raise ValueError("train.eval_metric: regex needs train.eval_metric_pattern with exactly one group")
         return self
 
 
 # ----------------------------------------------------------------------------- loading
 
-PATH_KEYS = ("model.path", "data.cache_dir", "train.work_dir")
+PATH_KEYS = ("model.path", "model.adapter", "data.cache_dir", "train.work_dir")
 DATASET_LISTS = ("datasets", "eval_datasets")
 
 
@@ -255,6 +288,8 @@ def _explain(exc: ValidationError, lines: dict[tuple, int], filename: str, overr
     where = f"{filename}:{line}" if line else ("command-line override" if overridden else filename)
     kind = err["type"]
     hint = None
+    if kind == "value_error" and not loc:  # a check across sections (Config._consistent): its own words
+        return ConfigError(err["msg"].removeprefix("Value error, "), where=where)
     if kind == "extra_forbidden":
         hint = did_you_mean(loc[-1], _allowed_keys(Config, loc))
         message = f"unknown key '{key}'"
@@ -310,9 +345,9 @@ def _resolve_paths(tree: dict, base: Path) -> None:
             return str((base / value).resolve())
         return str(Path(value).expanduser()) if isinstance(value, str) and value else value
 
-    for section, key in (("model", "path"), ("train", "work_dir")):
+    for section, key in (("model", "path"), ("model", "adapter"), ("train", "work_dir")):
         values = tree.get(section)
-        if isinstance(values, dict) and key in values:
+        if isinstance(values, dict) and values.get(key):
             values[key] = fix(values[key])
     data = tree.get("data")
     if isinstance(data, dict):

@@ -3,7 +3,10 @@
 Owns prompt building (a conversation rendered with `data.template` plus the generation
 prompt), the stop tokens (the template's end-of-turn and EOS), and greedy/sampled decoding
 through `model.generate` with a standard attention implementation (varlen attention is for
-training on packed rows; decoding with a KV cache uses SDPA).
+training on packed rows; decoding with a KV cache uses SDPA). `generate_batch` decodes many
+prompts greedily at once: left-padded rows with an attention mask (positions follow the
+mask, so each row decodes as it would alone), one KV cache, every row cut at its first
+end-of-turn token.
 """
 
 from __future__ import annotations
@@ -16,10 +19,24 @@ from tuneforge.data.records import Message
 from tuneforge.data.templates import get_template
 
 
-def prompt_ids(tokenizer, template_name: str, messages: list[Message]) -> list[int]:
+def prompt_text(tokenizer, template_name: str, messages: list[Message]) -> str:
+    """`messages` rendered with the template, ending with the generation prompt."""
     template = get_template(template_name, tokenizer)
-    text = "".join(piece for piece, _ in template.render(messages, tokenizer, add_generation_prompt=True))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return "".join(piece for piece, _ in template.render(messages, tokenizer, add_generation_prompt=True))
+
+
+def prompt_ids(tokenizer, template_name: str, messages: list[Message]) -> list[int]:
+    """The prompt's token ids, equal to the start of the training ids of the same conversation.
+
+    A generation prompt ending in spaces (`llama2_chat`'s "[/INST] ") is cut before them when the
+    tokenizer merges them into the next word: training saw " answer" as one token, so the
+    model must be the one to produce it.
+    """
+    text = prompt_text(tokenizer, template_name, messages)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if text.endswith(" ") and tokenizer(text + "a", add_special_tokens=False)["input_ids"][: len(ids)] != ids:
+        ids = tokenizer(text.rstrip(" "), add_special_tokens=False)["input_ids"]
+    return ids
 
 
 def stop_token_ids(tokenizer, template_name: str) -> list[int]:
@@ -49,6 +66,49 @@ def decoding_attention(model):
             base.set_attn_implementation(before)
 
 
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:index]
+    return tokens
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, max_new_tokens: int,
+                   batch_size: int = 8, progress=None) -> list[list[int]]:
+    """Greedy continuations (token ids, end-of-turn excluded) of each prompt in `prompts`.
+
+    Prompts are batched by length (less padding) and answered in their own order; each row's
+    result equals greedy decoding of that prompt alone. `progress(n)` is called per batch.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    stops = set(stop_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with decoding_attention(model):
+            for begin in range(0, len(order), batch_size):
+                chunk = order[begin: begin + batch_size]
+                width = max(len(prompts[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):
+                    ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                    mask[row, width - len(prompts[i]):] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                     top_k=None, eos_token_id=stop_ids, pad_token_id=pad_id)
+                for row, i in enumerate(chunk):
+                    results[i] = _until_stop(out[row, width:].tolist(), stops)
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return results
+
+
 @torch.no_grad()
 def generate_reply(model, tokenizer, template_name: str, messages: list[Message], max_new_tokens: int = 128,
                    temperature: float = 0.0) -> str:
@@ -67,8 +127,5 @@ def generate_reply(model, tokenizer, template_name: str, messages: list[Message]
                                  pad_token_id=tokenizer.pad_token_id)
     finally:
         model.train(was_training)
-    new = out[0, len(ids):].tolist()
-    stops = set(stop_token_ids(tokenizer, template_name))
-    while new and new[-1] in stops:
-        new.pop()
+    new = _until_stop(out[0, len(ids):].tolist(), set(stop_token_ids(tokenizer, template_name)))
     return tokenizer.decode(new, skip_special_tokens=False)

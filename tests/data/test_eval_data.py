@@ -48,3 +48,20 @@ def test_no_eval_data_is_a_clear_error(tmp_path):
     cfg = config(tmp_path, datasets=[{"path": str(train_file), "format": "alpaca"}])
     with pytest.raises(UserError, match="no eval data"):
         build_data(cfg, tokenizer, eval_split=True)
+
+
+def test_metric_items_are_the_held_out_records(tmp_path):
+    """train.eval_metric generates for exactly the held-out samples, as prompt + reference."""
+    from tuneforge.train.evaluate import metric_items
+
+    tokenizer = build_tokenizer()
+    records = alpaca_records(50, seed=3)
+    train_file = write_jsonl(tmp_path / "train.jsonl", records)
+    cfg = config(tmp_path, datasets=[{"path": str(train_file), "format": "alpaca"}], eval_split=0.2)
+    evaluation = build_data(cfg, tokenizer, eval_split=True)
+    held = sorted(index for _name, index in sample_origins(evaluation))
+    items = metric_items(cfg, evaluation, limit=100)
+    assert [item.index for item in items] == held
+    assert [(item.prompt[-1].content, item.reference) for item in items] == \
+        [(records[i]["instruction"], records[i]["output"]) for i in held]
+    assert [item.index for item in metric_items(cfg, evaluation, limit=3)] == held[:3]

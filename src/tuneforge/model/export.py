@@ -26,6 +26,7 @@ from tuneforge.errors import UserError
 from tuneforge.model.adapter_base import check_adapter_base
 from tuneforge.model.destination import check_destination
 from tuneforge.model.load import load_model, load_tokenizer, resolve_dtype
+from tuneforge.model.run_template import read_run_info, stamp_template
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -78,12 +79,14 @@ def convert_folder_dtype(folder: str | Path, dtype: str | torch.dtype) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                   template: str | None = None) -> Path:
     """Save `model` (full weights, or just the adapter of a PeftModel) and `tokenizer`, atomically.
 
     `dtype` casts the saved weights; the in-memory model is left as it is. A full model loaded
     from an InternLM2 folder is written back in InternLM2's layout and config (its remote-code
-    files copied along); adapters keep the Llama names they were trained with.
+    files copied along); adapters keep the Llama names they were trained with. `template` (a
+    `data.template` name) is written as the chat template and recorded (`model.run_template`).
     """
     from tuneforge.model.internlm2 import internlm2_origin, save_as_internlm2
 
@@ -95,6 +98,8 @@ def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dty
             model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            if template is not None:
+                stamp_template(tmp, template, tokenizer)
         if dtype is not None:
             convert_folder_dtype(tmp, dtype)
     return Path(out_dir)
@@ -126,7 +131,8 @@ def merge_adapter(
     """Merge the LoRA adapter in `adapter_dir` into the model in `base_dir`; save a plain HF folder.
 
     The merge is done in float32 and the result cast to `dtype`. The tokenizer comes from the
-    adapter folder when it holds one, else from the base. `out_dir` must pass
+    adapter folder when it holds one, else from the base; so does the chat template, and the
+    template name training recorded (`tuneforge.json`) is kept. `out_dir` must pass
     `check_destination` (`force` replaces a non-empty one).
     """
     from peft import PeftModel
@@ -139,8 +145,10 @@ def merge_adapter(
     check_adapter_base(base_dir, adapter)  # trained on another base: one line naming both
     base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    tokenizer = load_tokenizer(adapter if has_tokenizer(adapter) else base_dir)  # InternLM2 bases too
-    return save_hf_folder(merged, tokenizer, out_dir, dtype=None if target == torch.float32 else target)
+    tokenizer_dir = adapter if has_tokenizer(adapter) else Path(base_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)  # InternLM2 bases too
+    template = read_run_info(adapter).get("template") or read_run_info(tokenizer_dir).get("template")
+    return save_hf_folder(merged, tokenizer, out_dir, dtype=None if target == torch.float32 else target, template=template)
 
 
 def export_checkpoint(

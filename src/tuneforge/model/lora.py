@@ -1,8 +1,9 @@
 """LoRA and QLoRA: wrapping a causal LM in a PEFT adapter, and deciding on 4/8-bit loading.
 
-Owns: the translation of `LoraConfig` into `peft.LoraConfig` (`apply_lora`), the choice of a
-bitsandbytes quantization config for QLoRA (`quantization_config`, used by `load_model`), and
-counting trainable parameters.
+Owns: the translation of `LoraConfig` into `peft.LoraConfig` (`apply_lora`), continuing from
+an existing PEFT adapter (`load_adapter`, for `model.adapter`), the choice of a bitsandbytes
+quantization config for QLoRA (`quantization_config`, used by `load_model`), and counting
+trainable parameters.
 """
 
 from __future__ import annotations
@@ -62,6 +63,28 @@ def apply_lora(model, lora: LoraConfig):
             f"model.lora.target_modules {lora.target_modules} match no layer of the model",
             hint=f"linear layers here: {', '.join(names)}; or use 'all-linear'",
         ) from None
+
+
+def load_adapter(model, folder: str):
+    """Wrap `model` in the PEFT LoRA adapter saved in `folder` (or a run's final/, a checkpoint's
+    model/), its weights trainable."""
+    from pathlib import Path
+
+    import peft
+
+    from tuneforge.model.source import model_folder
+
+    folder = model_folder(Path(folder))  # a run dir or a checkpoint means its adapter
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json)",
+                        hint="point it at a LoRA run's final/ or a checkpoint's model/")
+    try:
+        return peft.PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.adapter: the adapter in {folder} does not fit model.path ({first})",
+                        hint="use the base model the adapter was trained on") from None
 
 
 def trainable_parameter_count(model) -> tuple[int, int]:

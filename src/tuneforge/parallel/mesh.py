@@ -97,7 +97,7 @@ def check_model_for_mesh(model_cfg, parallel) -> None:
 
     from tuneforge.model.load import check_model_folder  # imports torch: only when needed
 
-    if parallel.tensor_parallel > 1 and model_cfg.lora is not None:
+    if parallel.tensor_parallel > 1 and (model_cfg.lora is not None or model_cfg.adapter is not None):
         raise ConfigError("parallel.tensor_parallel > 1 does not work with LoRA (model.lora) here",
                           hint="use parallel.tensor_parallel: 1 (FSDP, sequence_parallel) for LoRA")
     config = check_model_folder(model_cfg)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from tuneforge.errors import UserError
+from tuneforge.model.run_template import stamp_template
 from tuneforge.parallel.context import LocalContext
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -152,11 +153,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int,
-                    tokenizer=None, *, trainer=None, ctx=None) -> Path:
+                    tokenizer=None, *, trainer=None, ctx=None, template: str | None = None) -> Path:
     """Write `root/step_{step}` atomically, then prune to the newest `keep_last` up to `step`.
 
     With a distributed `ctx` this is a collective: every rank calls it. `trainer` is the
-    wrapped training module (needed for FSDP's sharded state).
+    wrapped training module (needed for FSDP's sharded state). With `tokenizer`, `model/`
+    also holds it and the chat template training used (`template`, see `model.run_template`).
     """
     ctx = ctx or LocalContext()
     final = root / f"step_{step}"
@@ -191,6 +193,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
                 _save_model_config(model, tmp / "model")
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / "model")
+                if template is not None:
+                    stamp_template(tmp / "model", template, tokenizer)
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rngs, tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({**state, "format": fmt}, indent=1))
@@ -252,9 +256,10 @@ def _save_model_config(model, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None) -> Path:
+def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None, template: str | None = None) -> Path:
     """Write `model` (or its adapter) with `tokenizer` as a Hugging Face folder; a collective
-    under FSDP, where the weights are gathered to rank 0 first."""
+    under FSDP, where the weights are gathered to rank 0 first. `template` (the run's
+    `data.template`) is saved as the folder's chat template and named in `tuneforge.json`."""
     from tuneforge.model.export import atomic_dir, save_hf_folder
 
     ctx = ctx or LocalContext()
@@ -272,8 +277,10 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None)
                 model.save_pretrained(str(tmp), state_dict=weights)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp))
+                    if template is not None:
+                        stamp_template(tmp, template, tokenizer)
     elif ctx.is_main:
-        save_hf_folder(model, tokenizer, out_dir)
+        save_hf_folder(model, tokenizer, out_dir, template=template)
     ctx.barrier()
     return Path(out_dir)
 

@@ -45,9 +45,9 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.data.summary import summary_lines
     from tuneforge.model.attention import resolve_attn_implementation
     from tuneforge.model.load import load_model, load_tokenizer
-    from tuneforge.model.lora import apply_lora, trainable_parameter_count
+    from tuneforge.model.lora import apply_lora, load_adapter, trainable_parameter_count
     from tuneforge.train import checkpoint as ckpt
-    from tuneforge.train.evaluate import evaluate
+    from tuneforge.train.evaluate import Evaluator
     from tuneforge.train.heap_trim import trim_heap_during_forward
     from tuneforge.train.loss import CausalLMLoss
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
@@ -65,7 +65,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     for line in summary_lines(data.report):  # the counts check-data prints, and a warning if many were dropped
         log(line)
     eval_data = None
-    if tc.eval_every and (cfg.data.eval_datasets or cfg.data.eval_split > 0):
+    if (tc.eval_every or tc.eval_at_start) and (cfg.data.eval_datasets or cfg.data.eval_split > 0):
         eval_data = ctx.main_first(lambda: build_data(cfg, tokenizer, eval_split=True))
     rows_per_step = tc.micro_batch_size * tc.gradient_accumulation
     sampler = RowSampler(data.lengths, cfg.data.sampler, rank=ctx.dp_rank, world=ctx.dp_size,
@@ -80,11 +80,11 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     # ---- model: mixed precision on GPU only; fp32 on CPU
     use_amp = device.type == "cuda" and cfg.model.dtype != "float32" and not ctx.owns_precision  # DeepSpeed casts itself
     amp_dtype = getattr(torch, cfg.model.dtype)
-    load_dtype = cfg.model.dtype if (device.type == "cuda" and cfg.model.lora) else "float32"
+    load_dtype = cfg.model.dtype if (device.type == "cuda" and (cfg.model.lora or cfg.model.adapter)) else "float32"
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
     model = load_model(cfg.model, device=ctx.load_device, attn_implementation=attn, dtype=load_dtype)
-    if cfg.model.lora is not None:
-        model = apply_lora(model, cfg.model.lora)
+    if cfg.model.lora is not None or cfg.model.adapter is not None:  # a new adapter, or one continued
+        model = load_adapter(model, cfg.model.adapter) if cfg.model.adapter else apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     if cfg.model.compile:  # each decoder block, once; wrappers stay outside (tuneforge.model.compile)
@@ -122,6 +122,9 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
     stop = StopFlag().install()  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, stop (train/stops.py)
     progress = Progress(total_steps, step, enabled=ctx.is_main)
+    evaluator = Evaluator(trainer, model, eval_data, tokenizer, cfg, ctx, device, metrics, progress)
+    if eval_data is not None and tc.eval_at_start and step == 0:
+        evaluator.run(0)  # the starting model, logged as step 0
     started, window_tokens, window_start = time.time(), 0, time.time()
     curve: list[float] = []  # this process's step losses, for the closing summary
     forward_timer = ForwardTimer(device)  # this rank's forward time, to spot a slow rank
@@ -194,9 +197,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
         # 6. evaluation, checkpoints, preemption
         if eval_data is not None and tc.eval_every and step % tc.eval_every == 0:
-            result = evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device)
-            metrics.write({"step": step, **result})
-            progress.note(f"step {step}: eval_loss {result['eval_loss']:.4f}")
+            window_start += evaluator.run(step)  # eval time stays out of the next step's time and tokens/s
         stopping = ctx.all_reduce_sum(int(stop.signal is not None)) > 0  # every rank stops at the same step
         should_save = (tc.save_every and step % tc.save_every == 0) or stopping
         if should_save and step < total_steps:
@@ -205,7 +206,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
                      "sampler": samplers, "model_path": cfg.model.path, "data_fingerprint": data_fingerprint(data)}
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last, tokenizer,
-                                 trainer=trainer, ctx=ctx)  # every rank takes part; the tokenizer makes it exportable
+                                 trainer=trainer, ctx=ctx, template=cfg.data.template)  # every rank takes part
         if stopping and step < total_steps:  # in the last step a stop finishes the run instead
             progress.close()
             log(stop_message(stop.signal, step))
@@ -215,7 +216,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     progress.close()
     if stop.signal is not None:
         log(last_step_message(stop.signal))
-    final = ckpt.save_final_model(work_dir / "final", model, tokenizer, trainer=trainer, ctx=ctx)
+    final = ckpt.save_final_model(work_dir / "final", model, tokenizer, trainer=trainer, ctx=ctx,
+                                  template=cfg.data.template)
     if ctx.is_main:
         k = max(1, min(5, len(curve) // 2))
         trend = f"; loss {sum(curve[:k]) / k:.4f} -> {sum(curve[-k:]) / k:.4f} (mean of first/last {k} steps)" if curve else ""

@@ -1,4 +1,5 @@
-"""`tuneforge plot RUN_DIR`: loss (train and eval), learning rate and tokens/s over steps, as a PNG."""
+"""`tuneforge plot RUN_DIR`: loss (train and eval), eval accuracy (`train.eval_metric`, on a right-hand
+axis of the loss panel), learning rate and tokens/s over steps, as a PNG."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if evals:
         axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     axes[0].set_ylabel("loss")
-    axes[0].legend()
+    axes[0].legend(loc="upper left")
+    scored = [r for r in evals if r.get("eval_accuracy") is not None]
+    if scored:
+        accuracy = axes[0].twinx()
+        accuracy.plot([r["step"] for r in scored], [r["eval_accuracy"] for r in scored], "s--", color="tab:red",
+                      label="eval accuracy")
+        accuracy.set_ylabel("eval accuracy")
+        accuracy.set_ylim(0, 1)
+        accuracy.legend(loc="upper right")
     axes[1].plot(steps, [r["lr"] for r in train], color="tab:orange")
     axes[1].set_ylabel("learning rate")
     axes[2].plot(steps, [r["tokens_per_s"] for r in train], color="tab:green")

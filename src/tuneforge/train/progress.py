@@ -1,9 +1,15 @@
-"""The progress bar of a run: step/total, loss, lr, tokens/s, ETA and memory on one line."""
+"""The progress bar of a run: step/total, loss, lr, tokens/s, ETA and memory on one line.
+
+An evaluation pauses it: `pause()` draws the bar as it stands, `task(total, desc, unit)` is a
+second bar (rows, samples; with an ETA) for the evaluation, and `resume()` restarts the step
+clock so the evaluation's time does not count in the s/step rate and the training ETA.
+"""
 
 from __future__ import annotations
 
 import sys
 import weakref
+from contextlib import contextmanager
 
 _OPEN: "weakref.WeakSet[Progress]" = weakref.WeakSet()  # bars to end before an error line is printed
 
@@ -36,6 +42,26 @@ class Progress:
             post["slow"] = row["slow_rank"]
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
+
+    def pause(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def resume(self) -> None:
+        if self.bar is not None:
+            self.bar.unpause()  # tqdm: the time since the last draw is left out of the rate
+
+    @contextmanager
+    def task(self, total: int, desc: str, unit: str):
+        """A bar for a sub-task (an evaluation pass); yields its `update(n)` (a no-op when disabled)."""
+        if self.bar is None:
+            yield lambda n=1: None
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, leave=False,
+                  mininterval=0.5 if sys.stderr.isatty() else 10) as bar:
+            yield bar.update
 
     def note(self, text: str) -> None:
         if self.bar is not None:
