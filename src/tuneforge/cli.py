@@ -61,8 +61,21 @@ def cmd_export(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
+    if args.format == "gguf":
+        return _export_gguf(args)
     export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype)
     print(f"wrote {args.out_dir}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from tuneforge.errors import UserError
+    from tuneforge.model.gguf_export import export_gguf
+
+    if args.dtype is not None:
+        raise UserError("--dtype is for Hugging Face folders", hint="use --quant f32|f16|bf16|q8_0 with --format gguf")
+    out = export_gguf(args.ckpt_dir, args.out_dir, quant=args.quant, merge_lora=args.merge_lora, force=args.force)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.quant})")
     return 0
 
 
@@ -157,11 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
 
-    p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder")
+    p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder or a GGUF file")
     p.add_argument("ckpt_dir")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", metavar="OUT_DIR|OUT.gguf")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a model folder; gguf: one file for llama.cpp / Ollama")
+    p.add_argument("--quant", default="f16", metavar="f32|f16|bf16|q8_0", help="GGUF tensor type (default f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model")
     p.add_argument("base_dir")
