@@ -140,13 +140,28 @@ def _sentencepiece_vocab(writer, tokenizer, tokenizer_json: dict, model_file: Pa
             types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
-    first = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])[0]
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    writer.add_add_space_prefix(first.startswith("\u2581"))  # a dummy prefix: "a" encodes as "▁a"
+    writer.add_add_space_prefix(_space_prefix(tokenizer))
+
+
+def _space_prefix(tokenizer) -> bool:
+    """llama.cpp's `add_space_prefix`: put "▁" before the text and after every special token.
+
+    True only when the tokenizer does both ("a" -> "▁a" and "</s>a" -> "</s>", "▁a", SentencePiece's
+    own behaviour). A tokenizer that prefixes only the start of the whole text (transformers'
+    Metaspace "first" scheme) gets False: chat prompts, which begin with a special token, then
+    tokenize exactly as in training, and only plain text loses its leading "▁".
+    """
+    def pieces(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    special = tokenizer.eos_token or tokenizer.bos_token
+    after_special = special is None or pieces(special + "a")[1].startswith("\u2581")
+    return pieces("a")[0].startswith("\u2581") and after_special
 
 
 def _special_ids(writer, tokenizer) -> None:
