@@ -61,8 +61,12 @@ def cmd_export(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
-    if args.format == "gguf":
+    if (args.format or ("gguf" if args.out_dir.endswith(".gguf") else "hf")) == "gguf":
         return _export_gguf(args)
+    if args.quant is not None:
+        from tuneforge.errors import UserError
+
+        raise UserError("--quant is for GGUF files", hint="add --format gguf, or use --dtype for a Hugging Face folder")
     export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype)
     print(f"wrote {args.out_dir}")
     return 0
@@ -74,8 +78,9 @@ def _export_gguf(args) -> int:
 
     if args.dtype is not None:
         raise UserError("--dtype is for Hugging Face folders", hint="use --quant f32|f16|bf16|q8_0 with --format gguf")
-    out = export_gguf(args.ckpt_dir, args.out_dir, quant=args.quant, merge_lora=args.merge_lora, force=args.force)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.quant})")
+    quant = args.quant or "f16"
+    out = export_gguf(args.ckpt_dir, args.out_dir, quant=quant, merge_lora=args.merge_lora, force=args.force)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
     return 0
 
 
@@ -175,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR|OUT.gguf")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: a model folder; gguf: one file for llama.cpp / Ollama")
-    p.add_argument("--quant", default="f16", metavar="f32|f16|bf16|q8_0", help="GGUF tensor type (default f16)")
+    p.add_argument("--format", choices=["hf", "gguf"], default=None,
+                   help="hf: a model folder; gguf: one file for llama.cpp / Ollama (default: gguf for OUT ending in .gguf)")
+    p.add_argument("--quant", default=None, metavar="f32|f16|bf16|q8_0", help="GGUF tensor type (default f16)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model")

@@ -249,8 +249,10 @@ def test_cli_one_line_errors_and_success(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith(f"wrote {out} (") and "q8_0" in printed
     assert field(out, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
-    assert main(["export", str(tiny_model_dir), str(out), "--format", "gguf"]) == 2
+    assert main(["export", str(tiny_model_dir), str(out)]) == 2  # the .gguf suffix picks the format
     assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(tiny_model_dir), str(tmp_path / "hf"), "--quant", "q8_0"]) == 2
+    assert "--quant is for GGUF files" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
 def test_mistral_is_written_as_llama(tiny_tokenizer, tmp_path, sample_ids, logits_of):
