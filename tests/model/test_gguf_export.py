@@ -420,3 +420,10 @@ def test_real_smollm2(tmp_path, quant, tolerance):
     print(f"max |logit difference| {difference:.4f}")
     assert difference <= tolerance
     assert "Paris" in tokenizer.decode(answer)
+
+
+def test_not_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a checkpoint"):
+        export_gguf(tmp_path / "empty", tmp_path / "out" / "x.gguf")
+    assert list((tmp_path / "out").iterdir()) == []  # no scratch folder, no temp file
