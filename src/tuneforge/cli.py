@@ -85,8 +85,26 @@ def cmd_export(args) -> int:
     from tuneforge.quiet import quiet_libraries
 
     quiet_libraries()
+    if (args.format or ("gguf" if args.out_dir.endswith(".gguf") else "hf")) == "gguf":
+        return _export_gguf(args)
+    if args.quant is not None:
+        from tuneforge.errors import UserError
+
+        raise UserError("--quant is for GGUF files", hint="add --format gguf, or use --dtype for a Hugging Face folder")
     export_checkpoint(args.ckpt_dir, args.out_dir, merge_lora=args.merge_lora, dtype=args.dtype, force=args.force)
     print(f"wrote {args.out_dir}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from tuneforge.errors import UserError
+    from tuneforge.model.gguf_export import export_gguf
+
+    if args.dtype is not None:
+        raise UserError("--dtype is for Hugging Face folders", hint="use --quant f32|f16|bf16|q8_0 with --format gguf")
+    quant = args.quant or "f16"
+    out = export_gguf(args.ckpt_dir, args.out_dir, quant=quant, merge_lora=args.merge_lora, force=args.force)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {quant})")
     return 0
 
 
@@ -227,12 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two --out summaries (paired test)")
 
-    p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder")
+        p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder or a GGUF file")
     p.add_argument("ckpt_dir")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", metavar="OUT_DIR|OUT.gguf")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR whole")
+    p.add_argument("--format", choices=["hf", "gguf"], default=None,
+                   help="hf: a model folder; gguf: one file for llama.cpp / Ollama (default: gguf for OUT ending in .gguf)")
+    p.add_argument("--quant", default=None, metavar="f32|f16|bf16|q8_0", help="GGUF tensor type (default f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing output (a non-empty OUT_DIR whole)")
 
     p = verb("merge", cmd_merge, "merge a LoRA adapter into its base model")
     p.add_argument("base_dir")
