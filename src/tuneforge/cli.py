@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two --out summaries (paired test)")
 
-        p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder or a GGUF file")
+    p = verb("export", cmd_export, "write a checkpoint as a plain Hugging Face model folder or a GGUF file")
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir", metavar="OUT_DIR|OUT.gguf")
     p.add_argument("--merge-lora", action="store_true", help="merge a LoRA adapter into the base weights")
