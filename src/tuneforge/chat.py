@@ -17,13 +17,14 @@ def load_for_chat(model_dir: str, adapter: str | None, template: str | None = No
 
     source = resolve_source(model_dir, adapter, template)
     model, tokenizer = load_for_inference(source)
+    check_template(source.template, tokenizer, str(source.tokenizer))
     return model, tokenizer, source.template
 
 
 def check_template(name: str, tokenizer, folder: str) -> None:
     """The template exists and fits the tokenizer; errors name `--template`, chat's own option."""
     from tuneforge.data.templates import NAMED_TEMPLATES, get_template
-    from tuneforge.errors import ConfigError
+    from tuneforge.errors import ConfigError, UserError
 
     if name == "tokenizer" and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"the tokenizer in {folder} has no chat template",
