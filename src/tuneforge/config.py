@@ -41,6 +41,10 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block (tuneforge.model.compile)
+    cpu_mixed_precision: bool = Field(False, description=(
+        "On the CPU, compute in model.dtype (bfloat16, or float16 with loss scaling) as on a GPU: autocast, "
+        "FSDP2 bf16 parameters with fp32 reduction, DeepSpeed bf16/fp16; false (default) trains in fp32 on the "
+        "CPU, which is much faster there."))
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
     lora: Optional[LoraConfig] = None

@@ -77,12 +77,15 @@ def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dty
     """
     from tuneforge.model.internlm2 import internlm2_origin, save_as_internlm2
 
+    from tuneforge.model.lora import write_quantization_note
+
     origin = internlm2_origin(model)
     with atomic_dir(out_dir) as tmp:
         if origin is not None:
             save_as_internlm2(model, origin["config"], tmp, source_dir=origin["folder"])
         else:
             model.save_pretrained(str(tmp))
+            write_quantization_note(model, tmp)  # a QLoRA adapter: merges dequantize the same base
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if dtype is not None:
@@ -115,15 +118,23 @@ def merge_adapter(
     """Merge the LoRA adapter in `adapter_dir` into the model in `base_dir`; save a plain HF folder.
 
     The merge is done in float32 and the result cast to `dtype`. The tokenizer comes from the
-    adapter folder when it holds one, else from the base.
+    adapter folder when it holds one, else from the base. A QLoRA adapter (its folder holds
+    `QUANTIZATION_NOTE`) was trained against the quantized base: the base is quantized the same
+    way, dequantized to float32, and the adapter merged into that, so the plain folder computes
+    what the 4-bit base + adapter did (not the full-precision base + adapter).
     """
     from peft import PeftModel
+
+    from tuneforge.model.lora import read_quantization_note
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
     target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
-    base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
+    quantization = read_quantization_note(adapter)
+    base = load_model(ModelConfig(path=str(base_dir), dtype="float32", quantization=quantization))
+    if quantization is not None:
+        base = base.dequantize()  # the NF4 weights as float32 nn.Linear layers
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     tokenizer = load_tokenizer(adapter if has_tokenizer(adapter) else base_dir)  # InternLM2 bases too
     return save_hf_folder(merged, tokenizer, out_dir, dtype=None if target == torch.float32 else target)

@@ -64,6 +64,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.train.loss import CausalLMLoss
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
+    from tuneforge.train.precision import compute_dtype, grad_scaler
     from tuneforge.train.progress import Progress
     from tuneforge.train.rankstats import ForwardTimer, gather_rank_stats
 
@@ -87,10 +88,10 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                         hint="lower train.micro_batch_size or train.gradient_accumulation, or add data")
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
 
-    # ---- model: mixed precision on GPU only; fp32 on CPU
-    use_amp = device.type == "cuda" and cfg.model.dtype != "float32" and not ctx.owns_precision  # DeepSpeed casts itself
-    amp_dtype = getattr(torch, cfg.model.dtype)
-    load_dtype = cfg.model.dtype if (device.type == "cuda" and cfg.model.lora) else "float32"
+    # ---- model: mixed precision on GPU (on CPU with model.cpu_mixed_precision); else fp32
+    amp_dtype = compute_dtype(cfg.model, device.type)  # None: fp32 throughout (train/precision.py)
+    use_amp = amp_dtype is not None and not ctx.owns_precision  # DeepSpeed casts itself
+    load_dtype = amp_dtype if (amp_dtype is not None and cfg.model.lora) else torch.float32  # frozen base
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
     model = load_model(cfg.model, device=ctx.load_device, attn_implementation=attn, dtype=load_dtype)
     if cfg.model.lora is not None:
@@ -109,7 +110,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     trainer, optimizer = ctx.prepare(trainer, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = grad_scaler(device.type, amp_dtype, ctx.owns_precision)  # float16 only
 
     # ---- resume: model, optimizer, schedule, RNG and sampler position
     ckpt_root = work_dir / "checkpoints"
@@ -120,6 +121,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             raise UserError(f"--resume: no complete checkpoint in {ckpt_root}", hint="start without --resume")
         state = ckpt.load_checkpoint(folder, model, optimizer, scheduler, trainer=trainer, ctx=ctx)
         sampler.load_state_dict(state["sampler"][ctx.dp_rank])
+        if state.get("scaler"):  # float16: the loss scale and its growth tracker
+            scaler.load_state_dict(state["scaler"])
         step, epoch, tokens_seen = state["step"], state["epoch"], state["tokens_seen"]
         log(f"resumed from {folder} at step {step}")
 
@@ -159,7 +162,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with ctx.no_sync(trainer, last=index == len(micro_batches) - 1):
-                with forward_timer, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with forward_timer, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                     part = trainer(batch)
                 ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))))
             loss_sum += part.detach()
@@ -214,7 +217,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             # one sampler state per data-parallel replica: ranks are numbered replica by replica
             samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
-                     "sampler": samplers, "model_path": cfg.model.path}
+                     "sampler": samplers, "model_path": cfg.model.path, "scaler": scaler.state_dict()}
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last,
                                  trainer=trainer, ctx=ctx)  # every rank takes part
         if stopping:
