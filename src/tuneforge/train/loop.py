@@ -52,6 +52,7 @@ class StopFlag:
 
 def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> int:
     """Run the whole job described by `cfg` in `work_dir`; returns the process exit code."""
+    from tuneforge.accelerator import peak_memory_gb
     from tuneforge.data.collate import collate_rows
     from tuneforge.data.dataset import build_data
     from tuneforge.data.samplers import RowSampler
@@ -197,7 +198,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                "tokens": tokens_seen, "loss_tokens": step_loss_tokens, "tokens_per_s": window_tokens / max(step_time, 1e-9),
                "elapsed_s": now - started,
                "mfu": flops / step_time / (peak * ctx.world_size) if peak else None,
-               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+               "flops_per_s": flops / step_time, "peak_mem_gb": peak_memory_gb(device)}  # GiB, CUDA only
         window_tokens, window_start = 0, now
         curve.append(row["loss"])
         if step % tc.log_every == 0 or step == total_steps:
