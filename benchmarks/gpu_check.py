@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -196,6 +197,7 @@ def train_variant(name: str, cfg_path: Path, overrides: list[str], work: Path, d
     if code != 0:
         return {"error": f"tuneforge train exited {code}"}
     result = {"seconds": round(time.time() - started, 1), **throughput(step_rows(work), warmup, peak)}
+    shutil.rmtree(work, ignore_errors=True)  # a 1.1B model's final/ is 4.4 GB: keep the disk free
     cfg = load_config(cfg_path, overrides)
     plan = estimate(model_shape(cfg.model.path), setup_from_config(cfg, 1, None))
     if device.type == "cuda":
@@ -210,16 +212,29 @@ def train_variant(name: str, cfg_path: Path, overrides: list[str], work: Path, d
 def fsdp_resume(cfg_path: Path, folder: Path, dry: bool) -> dict:
     """FSDP2 on one rank (NCCL on a GPU, gloo in the dry run): 4 steps with a DCP checkpoint at
     step 2, then a resume from it in a second work dir; losses and weights compared."""
-    from safetensors.torch import load_file
-
     from tuneforge.config import load_config
-    from tuneforge.parallel.launch import LaunchEnv, free_port, init_distributed
-    from tuneforge.train.loop import train
-    from tuneforge.train.run import build_context
+    from tuneforge.parallel.launch import LaunchEnv, free_port
 
     whole, resumed = folder / "fsdp_whole", folder / "fsdp_resumed"
     cfg = load_config(cfg_path, ["train.max_steps=4", "train.save_every=2", "train.keep_last=2"])
     env = LaunchEnv(0, 1, 0, 1, "127.0.0.1", free_port(), "pytorch")
+    saved_environ = dict(os.environ)  # init_distributed writes RANK, MASTER_PORT, ...: TRL must not see them
+    try:
+        return _fsdp_runs(cfg, env, whole, resumed)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        shutil.rmtree(whole, ignore_errors=True)
+        shutil.rmtree(resumed, ignore_errors=True)
+
+
+def _fsdp_runs(cfg, env, whole: Path, resumed: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from tuneforge.parallel.launch import init_distributed
+    from tuneforge.train.loop import train
+    from tuneforge.train.run import build_context
+
     with init_distributed(env, timeout_s=600) as dist_ctx:
         backend = dist_ctx.backend
         ctx = build_context(cfg, dist_ctx, "fsdp")
@@ -233,7 +248,8 @@ def fsdp_resume(cfg_path: Path, folder: Path, dry: bool) -> dict:
         if train(cfg, resume=str(resumed / "checkpoints" / "step_2"), work_dir=resumed, ctx=ctx, log=lambda m: None):
             return {"error": "the resumed FSDP run failed"}
     want, got = [r["loss"] for r in step_rows(whole)], [r["loss"] for r in step_rows(resumed)]
-    w_want, w_got = load_file(whole / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    w_want, w_got = ({k: v for f in sorted((run / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
+                     for run in (whole, resumed))
     diff = max(float((w_got[k].float() - w_want[k].float()).abs().max()) for k in w_want)
     return {"backend": backend, "dcp_checkpoint": (whole / "checkpoints" / "step_2" / "dcp").is_dir(),
             "losses_whole": want, "losses_resumed": got, "max_weight_diff": diff,
