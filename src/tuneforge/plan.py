@@ -159,7 +159,7 @@ def suggestions(shape: ModelShape, s: Setup) -> list[tuple[str, Setup]]:
                     replace(s, micro_batch=s.micro_batch // 2)))
     if not s.lora_rank:
         out.append(("model.lora: {r: 16}", replace(s, lora_rank=16)))
-    elif s.bits != 4 and s.device == "cuda":
+    elif s.bits != 4:  # bitsandbytes runs 4-bit NF4 on CUDA and on the CPU
         out.append(("model.quantization: {bits: 4} (QLoRA)", replace(s, bits=4)))
     out.append((f"--gpus {s.devices * 2}", replace(s, devices=s.devices * 2)))
     return out
