@@ -1,6 +1,7 @@
 """QLoRA on the CPU (bitsandbytes 4-bit NF4): a tiny model trains, its adapter loads with PEFT
 on a 4-bit base, and `export --merge-lora` writes a plain float32 folder that computes what
-the 4-bit base + adapter computes.
+the 4-bit base + adapter computes; a run resumed from its checkpoint ends bit for bit as the
+uninterrupted one.
 
 Tolerances, from measured errors on this tiny model (logits up to ~0.7):
 - merged folder vs 4-bit base + adapter: the merge adds B·A into the same dequantized NF4
@@ -13,9 +14,13 @@ Tolerances, from measured errors on this tiny model (logits up to ~0.7):
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+from helpers import losses
 
 pytest.importorskip("bitsandbytes")
 
@@ -38,10 +43,16 @@ def test_qlora_trains_loads_on_4bit_base_and_merges(run_config, tiny_model_dir, 
                      train={"lr": 3e-3, "max_steps": 12, "micro_batch_size": 2, "warmup_ratio": 0.0, "save_every": 6})
     assert main(["train", str(cfg)]) == 0
     run = tmp_path / "qlora"
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.05, losses  # the loss falls
+    curve = losses(run)
+    assert sum(curve[-4:]) / 4 < sum(curve[:4]) / 4 - 0.05, curve  # the loss falls
     for folder in (run / "final", run / "checkpoints" / "step_6" / "model"):
         assert json.loads((folder / QUANTIZATION_NOTE).read_text())["bits"] == 4
+    resumed = tmp_path / "resumed"  # the step-6 checkpoint over a fresh 4-bit base continues exactly
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("final"))
+    assert main(["train", str(cfg), "--work-dir", str(resumed), "--resume"]) == 0
+    assert losses(resumed) == losses(run)
+    got, want = (load_file(folder / "final" / "adapter_model.safetensors") for folder in (resumed, run))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
     quantized = ModelConfig(path=str(tiny_model_dir), dtype="float32", quantization=QuantizationConfig(bits=4))
     full = ModelConfig(path=str(tiny_model_dir), dtype="float32")
