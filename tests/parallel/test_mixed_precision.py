@@ -81,3 +81,28 @@ def test_fsdp_bf16_resume_is_exact_and_exports_the_asked_dtype(runs, tmp_path):
     step_2 = tmp_path / "resumed" / "checkpoints" / "step_2"
     assert main(["export", str(step_2), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
     assert dtypes(tmp_path / "bf16") == {"BF16"}
+
+
+def test_fsdp_policy_gathers_bf16_parameters_and_keeps_fp32_shards(tmp_path):
+    """What `model.cpu_mixed_precision` asks of FSDP2: a layer unsharded for compute holds bf16
+    parameters, while the sharded (master) parameters the optimizer steps stay fp32."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.parallel.fsdp import apply_fsdp
+    from tuneforge.train.loss import CausalLMLoss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        root = apply_fsdp(CausalLMLoss(model, 64), init_device_mesh("cpu", (1,)), zero=3, param_dtype=torch.bfloat16)
+        layer = model.model.layers[0]
+        layer.unshard()
+        assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+        layer.reshard()
+        assert {p.dtype for p in root.parameters()} == {torch.float32}
+    finally:
+        dist.destroy_process_group()
