@@ -79,6 +79,24 @@ def make_tiny_model(path, tokenizer, seed=0, tie=False, kv_heads=2):
     return path
 
 
+def preempt_after(metrics_file, steps: int):
+    """A started thread that sends this process SIGUSR1 once `metrics_file` holds `steps` rows
+    (the loop then saves a checkpoint and returns PREEMPTED_EXIT); join it after the run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= steps):
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
 def losses(work_dir):
     rows = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]

@@ -157,7 +157,7 @@ def test_bad_override(capsys, tmp_path, model_dir):
     expect(capsys, "override 'train.lr=' has an empty|input should be", "train", cfg, "train.lr=")
 
 
-MODEL_CASES = ["missing folder", "no weights", "pickle weights", "remote code", "no chat template", "qlora on cpu"]
+MODEL_CASES = ["missing folder", "no weights", "pickle weights", "remote code", "no chat template", "8-bit qlora on cpu"]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)
@@ -196,8 +196,8 @@ def test_bad_model(capsys, tmp_path, model_dir, case):
         pattern = "tokenizer has no chat template"
     else:
         model["lora"] = {"r": 4}
-        model["quantization"] = {"bits": 4}
-        pattern = "QLoRA .*needs a CUDA GPU"
+        model["quantization"] = {"bits": 8}
+        pattern = "bits: 8 needs a CUDA GPU"
     cfg = config(tmp_path, model_dir, model=model, data=data)
     expect(capsys, pattern, "train", cfg)
     assert nothing_written(tmp_path)

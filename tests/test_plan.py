@@ -31,6 +31,15 @@ def test_components_scale_as_expected():
     qlora = estimate(SEVEN_B, Setup(devices=1, zero=0, lora_rank=16, bits=4))
     assert lora["params"] == pytest.approx(14.0) and qlora["params"] == pytest.approx(7 * 0.5625)
     assert lora["optimizer"] < 1.0  # only the adapter carries Adam states
+    embedded = ModelShape(**{**SEVEN_B.__dict__, "embed_params": 262_144_000})  # 32000 x 4096, untied
+    on_gpu = estimate(embedded, Setup(devices=1, zero=0, lora_rank=16, bits=4))
+    assert on_gpu["params"] == pytest.approx(((7e9 - 262_144_000) * 0.5625 + 262_144_000 * 4) / 1e9)
+    on_cpu = estimate(embedded, Setup(devices=1, zero=0, lora_rank=16, bits=4, device="cpu"))
+    assert on_cpu["params"] == pytest.approx(on_gpu["params"]) and on_cpu["overhead"] == pytest.approx(0.45 + 0.07)
+    from tuneforge.plan import suggestions
+
+    cpu_lora = Setup(devices=1, zero=0, lora_rank=16, device="cpu", checkpointing=True)
+    assert "model.quantization: {bits: 4} (QLoRA)" in [text for text, _ in suggestions(embedded, cpu_lora)]
 
 
 def test_recommendation_is_the_smallest_change_that_fits():

@@ -1,5 +1,5 @@
 """The planner against reality on CPU: predicted vs measured peak RSS of real training runs
-(tiny to ~100M-parameter Llama shapes, full and LoRA) agree within ±20%."""
+(tiny to ~100M-parameter Llama shapes, full, LoRA and QLoRA) agree within ±20%."""
 
 import json
 import subprocess
@@ -17,12 +17,18 @@ SHAPES = {
                       num_key_value_heads=2), 16, 512, 2),
     "mid-lora-untrimmed": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                                 num_key_value_heads=2), 16, 512, 2),
+    "mid-qlora": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=2), 16, 512, 2),
+    "mid-qlora-short": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                             num_key_value_heads=2), 16, 128, 2),
     "mid-full": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2), None, 512, 2),
     "mid-lora-short": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                       num_key_value_heads=2), 16, 128, 2),
     "smollm2-shape-lora": (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                 num_key_value_heads=3), 16, 512, 1),
+    "smollm2-shape-qlora": (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                 num_key_value_heads=3), 16, 512, 1),
 }
 
 MEASURE = """
@@ -52,7 +58,8 @@ def test_predicted_peak_rss_within_20_percent(tmp_path, name):
     tokenizer.save_pretrained(model_dir)
     write_jsonl(tmp_path / "d.jsonl", alpaca_records(400))
     cfg_path = write_config(tmp_path / "c.yaml", model_dir, [{"path": "d.jsonl", "format": "alpaca"}],
-                            model={"lora": {"r": lora, "alpha": 2 * lora, "dropout": 0.0} if lora else None},
+                            model={"lora": {"r": lora, "alpha": 2 * lora, "dropout": 0.0} if lora else None,
+                                   "quantization": {"bits": 4} if "qlora" in name else None},
                             data={"max_length": length, "packing": "soft"},
                             train={"max_steps": 2, "micro_batch_size": micro,
                                    "cpu_heap_trim_every": 0 if name.endswith("untrimmed") else 5})

@@ -55,6 +55,10 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile each decoder block (a one-time compile; less memory, "
                                              "faster steps).")
+    cpu_mixed_precision: bool = Field(False, description=(
+        "On the CPU, compute in model.dtype (bfloat16, or float16 with loss scaling) as on a GPU: autocast, "
+        "FSDP2 bf16 parameters with fp32 reduction, DeepSpeed bf16/fp16; false (default) trains in fp32 on the "
+        "CPU, which is much faster there."))
     trust_remote_code: bool = Field(False, description="Run the model folder's own Python code; off by default "
                                                        "because remote code runs arbitrary Python.")
     allow_pickle_weights: bool = Field(False, description="Also load pickled .bin weights; off by default "
@@ -66,7 +70,7 @@ class ModelConfig(Section):
         "the rank, alpha, dropout and target modules saved in its adapter_config.json; null trains a new adapter "
         "(model.lora) or the full model."))
     quantization: Optional[QuantizationConfig] = Field(
-        None, description="null, or {bits: 4} for QLoRA (needs model.lora, a CUDA GPU and bitsandbytes).")
+        None, description="null, or {bits: 4} for QLoRA (needs model.lora and bitsandbytes; 4-bit runs on a CUDA GPU or the CPU, 8-bit on CUDA only).")
 
 
 Format = Literal["alpaca", "openai", "sharegpt", "xtuner", "text", "internevo"]

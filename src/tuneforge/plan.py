@@ -6,9 +6,11 @@ Owns the memory model. Sizes are in decimal GB (1e9 bytes), per device:
   ZeRO-1 = 2Ψ + 2Ψ + KΨ/N, ZeRO-2 = 2Ψ + (2 + K)Ψ/N, ZeRO-3 = (4 + K)Ψ/N (7B on 8 GPUs:
   38.5 / 26.25 / 14 GB). In fp32 (CPU) weights, gradients and the two Adam moments take 16
   bytes per trained parameter, with no master copy. LoRA keeps the frozen base in the
-  compute dtype (about 0.56 bytes per parameter in 4-bit NF4) and pays optimizer and
-  gradient bytes only for adapter parameters. Offload moves optimizer states (and under
-  ZeRO-3 the parameters) to host memory;
+  compute dtype and pays optimizer and gradient bytes only for adapter parameters. QLoRA
+  keeps the decoder's linear weights in 4-bit NF4 (0.5625 bytes per parameter) and the
+  embeddings / LM head in fp32 (bitsandbytes leaves them unquantized and PEFT's k-bit
+  preparation upcasts them); on the CPU it adds a fixed `CPU_QLORA_OVERHEAD`. Offload moves
+  optimizer states (and under ZeRO-3 the parameters) to host memory;
 - activations of a Llama-style layer per token (bytes per element × (9h + 4·kv + 4·i): norms,
   q/k/v and their rotary copies, attention output, and four MLP tensors of width i),
   times layers, or only the layer inputs plus one recomputed layer with gradient
@@ -33,6 +35,12 @@ OPTIMIZER_BYTES = 12  # fp32 master + Adam m + v per trained parameter (mixed pr
 # glibc keeping the holes they leave): about twice as much, or 1.25x with the heap trimmed
 # during forward (train.cpu_heap_trim_every); fitted on 8-layer and 30-layer Llama shapes.
 CPU_LORA_ACTIVATION_FACTOR = {"trimmed": 1.25, "untrimmed": 2.0}
+NF4_BYTES = 0.5625  # 4 bits + one fp32 absmax per 64 weights (double quantization saves a little more)
+# Fitted (tests/test_plan_vs_rss.py: mid-qlora at 512 and 128 tokens, smollm2-shape-qlora):
+# a 4-bit run on the CPU peaks about 70 MB above its weights and activations, whatever the
+# model size (once `release_checkpoint_file` has closed the fp32 file mapping, which otherwise
+# kept another 4 bytes per parameter resident). Errors of the fit: -10%, +2%, +8%.
+CPU_QLORA_OVERHEAD = 0.07 * 1e9
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     vocab: int
+    embed_params: int = 0  # input embeddings + untied LM head (never quantized)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShape":
@@ -60,7 +69,7 @@ class ModelShape:
         attn = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h
         mlp = 3 * h * inter * experts
         embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-        return cls(layers * (attn + mlp + 2 * h) + embed + h, h, inter, layers, heads, kv, head_dim, vocab)
+        return cls(layers * (attn + mlp + 2 * h) + embed + h, h, inter, layers, heads, kv, head_dim, vocab, embed)
 
     def lora_params(self, r: int) -> int:
         """Adapter parameters of LoRA rank r on every linear layer of every decoder layer."""
@@ -96,7 +105,10 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
     zero = s.zero if dp > 1 else 0
     if s.lora_rank:
         trained = shape.lora_params(s.lora_rank) / s.tensor_parallel
-        base = psi * (0.5625 if s.bits == 4 else compute_bytes)
+        base = psi * compute_bytes
+        if s.bits == 4:  # NF4 decoder linears; fp32 embeddings and LM head
+            embed = shape.embed_params / s.tensor_parallel
+            base = (psi - embed) * NF4_BYTES + embed * 4
         weights = base / dp if zero == 3 else base
         adapter_states = trained * (16 if s.device == "cpu" else 4 + OPTIMIZER_BYTES)
         states = adapter_states / dp if zero >= 1 else adapter_states
@@ -124,6 +136,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
         activations = tokens * shape.layers * per_token_layer
     logits = min(s.chunk_size, tokens) * shape.vocab * 4 * 3
     overhead = 0.45 * GB if s.device == "cpu" else 1.0 * GB
+    if s.device == "cpu" and s.lora_rank and s.bits == 4:
+        overhead += CPU_QLORA_OVERHEAD
     parts = {"params": params, "grads": grads, "optimizer": optim, "activations": activations,
              "logits": logits, "overhead": overhead}
     total = sum(parts.values())
@@ -145,7 +159,7 @@ def suggestions(shape: ModelShape, s: Setup) -> list[tuple[str, Setup]]:
                     replace(s, micro_batch=s.micro_batch // 2)))
     if not s.lora_rank:
         out.append(("model.lora: {r: 16}", replace(s, lora_rank=16)))
-    elif s.bits != 4 and s.device == "cuda":
+    elif s.bits != 4:  # bitsandbytes runs 4-bit NF4 on CUDA and on the CPU
         out.append(("model.quantization: {bits: 4} (QLoRA)", replace(s, bits=4)))
     out.append((f"--gpus {s.devices * 2}", replace(s, devices=s.devices * 2)))
     return out

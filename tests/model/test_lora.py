@@ -1,4 +1,4 @@
-"""LoRA: adapter wiring, save/reload equality, merging, and the QLoRA-on-CPU error."""
+"""LoRA: adapter wiring, save/reload equality, merging, and the QLoRA set-up errors."""
 
 from __future__ import annotations
 
@@ -88,12 +88,22 @@ def test_merge_needs_an_adapter_folder(tiny_model_dir, tmp_path):
         merge_adapter(tiny_model_dir, tiny_model_dir, tmp_path / "merged")
 
 
-def test_qlora_on_cpu_is_a_user_error(tiny_model_dir):
-    cfg = ModelConfig(path=str(tiny_model_dir), lora=LoraConfig(), quantization=QuantizationConfig(bits=4))
-    with pytest.raises(UserError, match="QLoRA .*needs a CUDA GPU with bitsandbytes.*remove model.quantization"):
+def test_qlora_8bit_on_cpu_is_a_user_error(tiny_model_dir):
+    cfg = ModelConfig(path=str(tiny_model_dir), lora=LoraConfig(), quantization=QuantizationConfig(bits=8))
+    with pytest.raises(UserError, match="bits: 8 needs a CUDA GPU.*bits: 4"):
         quantization_config(cfg, "cpu")
-    with pytest.raises(UserError, match="needs a CUDA GPU with bitsandbytes"):
+    with pytest.raises(UserError, match="bits: 8 needs a CUDA GPU"):
         load_model(cfg)
+
+
+def test_qlora_without_bitsandbytes_is_a_user_error(tiny_model_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    cfg = ModelConfig(path=str(tiny_model_dir), lora=LoraConfig(), quantization=QuantizationConfig(bits=4))
+    with pytest.raises(UserError, match="QLoRA .*needs the bitsandbytes package.*pip install bitsandbytes"):
+        quantization_config(cfg, "cpu")
 
 
 def test_no_quantization_without_config(tiny_model_dir):

@@ -91,6 +91,37 @@ def run_config(root: Path, name: str, model: Path, data: Path, sections: dict | 
     return write_config(root / f"{name}.yaml", model, [{"path": str(data), "format": "alpaca"}], **sections)
 
 
+def torchrun_specs(root: Path, model: Path, data: Path, variants: dict[str, tuple[dict, str | None]]) -> None:
+    """Train every variant (name -> (config sections, --deepspeed NAME or None)) in one torchrun
+    launch of 2 ranks; its output goes to root/worker.log."""
+    specs = []
+    for name, (sections, deepspeed) in variants.items():
+        config = run_config(root, name, model, data, sections)
+        specs.append(f"{config}={deepspeed}" if deepspeed else str(config))
+    proc = torchrun(specs)
+    (root / "worker.log").write_text(proc.stdout + proc.stderr)
+
+
+def resume_copy_on_two_ranks(runs: Path, name: str, work: Path) -> subprocess.CompletedProcess:
+    """Copy the run runs/NAME to `work` without its final/, resume it there through the CLI
+    (NPROC_PER_NODE=2, its last checkpoint) and assert it ends bit for bit as the original."""
+    import shutil
+
+    from helpers import losses
+
+    shutil.copytree(runs / name, work)
+    shutil.rmtree(work / "final")
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(runs / f"{name}.yaml"),
+                           "--work-dir", str(work), "--resume"],
+                          env=child_env(NPROC_PER_NODE="2"), capture_output=True, text=True, timeout=300)
+    check(proc)
+    assert "resumed from" in proc.stderr
+    assert losses(work) == losses(runs / name)  # bit for bit
+    got, want = weights(work / "final"), weights(runs / name / "final")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    return proc
+
+
 def assert_matches_single(run: Path, reference: Path) -> None:
     """`run` reproduced the single-process `reference`: step losses (|d| <= 1e-5), gradient norms
     (with clipping active), token counts, eval losses and final weights (relative <= 1e-4)."""

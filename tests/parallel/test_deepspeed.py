@@ -94,7 +94,7 @@ def test_no_comm_op_is_compiled(runs):
     """DeepSpeed's CPU shared-memory all-reduce op (a ~1 min JIT build) is never built."""
     log = (runs / "worker.log").read_text()
     assert "shm_comm" not in log and "built successfully" not in log
-    assert "DeepSpeedContext(zero3_offload: ZeRO-3, offload on, rank 0/2, cpu)" in log
+    assert "DeepSpeedContext(zero3_offload: ZeRO-3, offload on, fp32, rank 0/2, cpu)" in log
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -90,12 +90,15 @@ def save_hf_folder(model, tokenizer, out_dir: str | Path, dtype: str | torch.dty
     """
     from tuneforge.model.internlm2 import internlm2_origin, save_as_internlm2
 
+    from tuneforge.model.lora import write_quantization_note
+
     origin = internlm2_origin(model)
     with atomic_dir(out_dir) as tmp:
         if origin is not None:
             save_as_internlm2(model, origin["config"], tmp, source_dir=origin["folder"])
         else:
             model.save_pretrained(str(tmp))
+            write_quantization_note(model, tmp)  # a QLoRA adapter: merges dequantize the same base
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
             if template is not None:
@@ -133,9 +136,14 @@ def merge_adapter(
     The merge is done in float32 and the result cast to `dtype`. The tokenizer comes from the
     adapter folder when it holds one, else from the base; so does the chat template, and the
     template name training recorded (`tuneforge.json`) is kept. `out_dir` must pass
-    `check_destination` (`force` replaces a non-empty one).
+    `check_destination` (`force` replaces a non-empty one). A QLoRA adapter (its folder holds
+    `QUANTIZATION_NOTE`) was trained against the quantized base: the base is quantized the same
+    way, dequantized to float32, and the adapter merged into that, so the plain folder computes
+    what the 4-bit base + adapter did (not the full-precision base + adapter).
     """
     from peft import PeftModel
+
+    from tuneforge.model.lora import read_quantization_note
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
@@ -143,7 +151,10 @@ def merge_adapter(
     check_destination(out_dir, [base_dir, adapter_dir], force)
     target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
     check_adapter_base(base_dir, adapter)  # trained on another base: one line naming both
-    base = load_model(ModelConfig(path=str(base_dir), dtype="float32"))
+    quantization = read_quantization_note(adapter)
+    base = load_model(ModelConfig(path=str(base_dir), dtype="float32", quantization=quantization))
+    if quantization is not None:
+        base = base.dequantize()  # the NF4 weights as float32 nn.Linear layers
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     tokenizer_dir = adapter if has_tokenizer(adapter) else Path(base_dir)
     tokenizer = load_tokenizer(tokenizer_dir)  # InternLM2 bases too

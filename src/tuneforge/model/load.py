@@ -135,7 +135,7 @@ def load_model(
     `attn_implementation` is a transformers name used as given (training passes the one
     `tuneforge.model.attention.resolve_attn_implementation` picks); without it, config "auto"
     keeps transformers' default and other config values are resolved by that function.
-    `cfg.quantization` loads it in 4/8 bits for QLoRA (CUDA + bitsandbytes only).
+    `cfg.quantization` loads it in 4 bits (CPU or CUDA) or 8 bits (CUDA) with bitsandbytes, for QLoRA.
     On the meta device it builds the architecture from `config.json` without reading any
     weight (`build_on_meta`: FSDP ranks > 0, whose shards come from rank 0 through
     `tuneforge.parallel.rank0_load`).
@@ -168,6 +168,11 @@ def load_model(
 
     if quant is not None:
         from peft import prepare_model_for_kbit_training
+
+        from tuneforge.model.lora import release_checkpoint_file
+
+        if torch.device(device).type == "cpu":
+            release_checkpoint_file(model)
 
         model = prepare_model_for_kbit_training(
             model,

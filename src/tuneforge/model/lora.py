@@ -2,33 +2,46 @@
 
 Owns: the translation of `LoraConfig` into `peft.LoraConfig` (`apply_lora`), continuing from
 an existing PEFT adapter (`load_adapter`, for `model.adapter`), the choice of a bitsandbytes
-quantization config for QLoRA (`quantization_config`, used by `load_model`), and counting
-trainable parameters.
+quantization config for QLoRA (`quantization_config`, used by `load_model`), the note an
+adapter trained on a quantized base carries (`QUANTIZATION_NOTE`, written by
+`write_quantization_note`, read by `read_quantization_note`: a merge must dequantize the same
+NF4 weights the adapter was trained against), and counting trainable parameters.
+
+QLoRA runs wherever bitsandbytes does: 4-bit NF4 on a CUDA GPU or on the CPU (bitsandbytes
+>= 0.45 has CPU kernels for `Linear4bit` forward and backward); 8-bit only on a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+from pathlib import Path
 
 import torch
 
-from tuneforge.config import LoraConfig, ModelConfig
+from tuneforge.config import LoraConfig, ModelConfig, QuantizationConfig
 from tuneforge.errors import UserError
+
+QUANTIZATION_NOTE = "tuneforge_quantization.json"  # beside adapter_config.json of a QLoRA adapter
 
 
 def quantization_config(cfg: ModelConfig, device: str | torch.device, compute_dtype: torch.dtype | None = None):
     """A `BitsAndBytesConfig` for `cfg.quantization`, None without it.
 
-    QLoRA needs a CUDA device and bitsandbytes; anything else is a UserError.
+    QLoRA needs bitsandbytes, and for 8 bits a CUDA device; anything else is a UserError.
     """
     if cfg.quantization is None:
         return None
     on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
-    if not on_cuda or importlib.util.find_spec("bitsandbytes") is None:
-        missing = "a CUDA GPU" if not on_cuda else "the bitsandbytes package"
+    if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
-            f"QLoRA (model.quantization) needs a CUDA GPU with bitsandbytes, and {missing} is not available",
-            hint="remove model.quantization to train plain LoRA, or install bitsandbytes on a GPU machine",
+            "QLoRA (model.quantization) needs the bitsandbytes package, which is not installed",
+            hint="pip install bitsandbytes (CPU and CUDA), or remove model.quantization to train plain LoRA",
+        )
+    if cfg.quantization.bits == 8 and not on_cuda:
+        raise UserError(
+            f"model.quantization.bits: 8 needs a CUDA GPU; this run is on {torch.device(device).type}",
+            hint="use model.quantization: {bits: 4} (NF4 runs on the CPU too), or remove model.quantization",
         )
     from transformers import BitsAndBytesConfig
 
@@ -40,6 +53,51 @@ def quantization_config(cfg: ModelConfig, device: str | torch.device, compute_dt
         bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16,
         bnb_4bit_use_double_quant=True,
     )
+
+
+def release_checkpoint_file(model) -> None:
+    """After a 4-bit load on the CPU: copy the tensors left unquantized (embeddings, norms, LM
+    head), which are views of the memory-mapped safetensors file, so the mapping (the whole
+    fp32 file, resident since quantizing read it) closes; then give the freed staging copies
+    back to the OS. Measured on an 8-layer 22M-parameter model: resident size after loading
+    570 -> 447 MB, training peak 1134 -> 1039 MB (plain fp32 LoRA: 1059 MB)."""
+    from tuneforge.train.heap_trim import malloc_trim
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if type(param).__name__ not in ("Params4bit", "Int8Params"):
+                param.data = param.data.clone()
+        for buffer in model.buffers():
+            buffer.data = buffer.data.clone()
+    trim = malloc_trim()
+    if trim is not None:
+        trim()
+
+
+def quantized_bits(model) -> int | None:
+    """4 or 8 where `model` (or a PeftModel over it) holds bitsandbytes 4/8-bit weights, else None."""
+    kinds = {type(p).__name__ for p in model.parameters()}
+    return 4 if "Params4bit" in kinds else 8 if "Int8Params" in kinds else None
+
+
+def write_quantization_note(model, folder: str | Path) -> None:
+    """Record in the adapter `folder` that `model` (a PeftModel) was trained on a quantized base."""
+    bits = quantized_bits(model) if hasattr(model, "peft_config") else None
+    if bits is None:
+        return
+    note = {"bits": bits, "quant_type": "nf4" if bits == 4 else "int8", "double_quant": bits == 4}
+    (Path(folder) / QUANTIZATION_NOTE).write_text(json.dumps(note, indent=1) + "\n")
+
+
+def read_quantization_note(folder: str | Path) -> QuantizationConfig | None:
+    """The quantization an adapter in `folder` was trained with (None: a full-precision base)."""
+    file = Path(folder) / QUANTIZATION_NOTE
+    if not file.is_file():
+        return None
+    try:
+        return QuantizationConfig(bits=json.loads(file.read_text())["bits"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{file} is not a valid quantization note: {exc}", hint="restore it from the run") from None
 
 
 def apply_lora(model, lora: LoraConfig):

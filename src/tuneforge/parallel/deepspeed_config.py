@@ -5,7 +5,9 @@
 a JSON file. `resolve_deepspeed_config` fills every "auto" from our config: micro batch,
 accumulation, global batch, gradient clipping (always set explicitly: DeepSpeed clips at
 1.0 when the key is absent) and precision; a value the user wrote that contradicts our
-config is an error rather than a silent override.
+config is an error rather than a silent override. Precision follows
+`tuneforge.train.precision.compute_dtype` (bf16/fp16 on a GPU; on the CPU only with
+`model.cpu_mixed_precision`).
 """
 
 from __future__ import annotations
@@ -53,11 +55,16 @@ def resolve_deepspeed_config(name_or_file: str, cfg, dp_size: int, device_type: 
     _fill(ds, "train_batch_size", tc.micro_batch_size * tc.gradient_accumulation * dp_size,
           "micro_batch_size x gradient_accumulation x data-parallel size")
     _fill(ds, "gradient_clipping", float(tc.max_grad_norm), "train.max_grad_norm")
+    from tuneforge.train.precision import compute_dtype
+
     gpu = device_type == "cuda"
+    precision = compute_dtype(cfg.model, device_type)  # None: fp32 (the CPU without model.cpu_mixed_precision)
+    source = f"model.dtype={cfg.model.dtype} on {device_type}" + (
+        "" if gpu else f" with model.cpu_mixed_precision={str(cfg.model.cpu_mixed_precision).lower()}")
     for key, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
         section = dict(ds.get(key) or {})
         section["enabled"] = section.get("enabled", "auto")
-        _fill(section, "enabled", gpu and cfg.model.dtype == dtype, f"model.dtype={cfg.model.dtype} on {device_type}")
+        _fill(section, "enabled", precision is not None and cfg.model.dtype == dtype, source)
         ds[key] = section
     zero = ds.get("zero_optimization") or {}
     if not gpu:  # pinned host memory needs CUDA

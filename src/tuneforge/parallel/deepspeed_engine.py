@@ -174,8 +174,9 @@ class DeepSpeedContext:
         self.engine = None
 
     def __repr__(self) -> str:
+        precision = next((key for key in ("bf16", "fp16") if (self.config.get(key) or {}).get("enabled") is True), "fp32")
         return (f"DeepSpeedContext({self.name}: ZeRO-{self.stage}, offload {'on' if self.offload else 'off'}, "
-                f"rank {self.rank}/{self.world_size}, {self.device})")
+                f"{precision}, rank {self.rank}/{self.world_size}, {self.device})")
 
     # ---- collectives
     def main_first(self, fn):

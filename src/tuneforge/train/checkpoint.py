@@ -185,7 +185,10 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
             adapter = fsdp.full_model_state(trainer) if _is_peft(model) else None
         if ctx.is_main:
             if fmt == "hf":
+                from tuneforge.model.lora import write_quantization_note
+
                 model.save_pretrained(tmp / "model", safe_serialization=True)
+                write_quantization_note(model, tmp / "model")  # QLoRA: `export --merge-lora` dequantizes
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             elif adapter is not None:
                 model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=adapter)

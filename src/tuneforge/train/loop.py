@@ -39,6 +39,7 @@ class TrainingError(UserError):
 
 def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> int:
     """Run the whole job described by `cfg` in `work_dir`; returns the process exit code."""
+    from tuneforge.accelerator import peak_memory_gb
     from tuneforge.data.collate import collate_rows
     from tuneforge.data.dataset import build_data
     from tuneforge.data.samplers import RowSampler
@@ -52,6 +53,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.train.loss import CausalLMLoss
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
+    from tuneforge.train.precision import compute_dtype, grad_scaler
     from tuneforge.train.progress import Progress
     from tuneforge.train.rankstats import ForwardTimer, gather_rank_stats
 
@@ -77,10 +79,10 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                         hint="lower train.micro_batch_size or train.gradient_accumulation, or add data")
     total_steps = tc.max_steps or steps_per_epoch * tc.epochs
 
-    # ---- model: mixed precision on GPU only; fp32 on CPU
-    use_amp = device.type == "cuda" and cfg.model.dtype != "float32" and not ctx.owns_precision  # DeepSpeed casts itself
-    amp_dtype = getattr(torch, cfg.model.dtype)
-    load_dtype = cfg.model.dtype if (device.type == "cuda" and (cfg.model.lora or cfg.model.adapter)) else "float32"
+    # ---- model: mixed precision on GPU (on CPU with model.cpu_mixed_precision); else fp32
+    amp_dtype = compute_dtype(cfg.model, device.type)  # None: fp32 throughout (train/precision.py)
+    use_amp = amp_dtype is not None and not ctx.owns_precision  # DeepSpeed casts itself
+    load_dtype = amp_dtype if (amp_dtype is not None and (cfg.model.lora or cfg.model.adapter)) else torch.float32  # frozen base
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
     model = load_model(cfg.model, device=ctx.load_device, attn_implementation=attn, dtype=load_dtype)
     if cfg.model.lora is not None or cfg.model.adapter is not None:  # a new adapter, or one continued
@@ -99,7 +101,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     trainer, optimizer = ctx.prepare(trainer, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = grad_scaler(device.type, amp_dtype, ctx.owns_precision)  # float16 only
 
     # ---- resume: model, optimizer, schedule, RNG and sampler position
     ckpt_root = work_dir / "checkpoints"
@@ -110,6 +112,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         apply_schedule(scheduler, tc.lr)  # the resume contract's lr rule (train/resume_contract.py)
         check_same_data(state, data, folder)
         sampler.load_state_dict(state["sampler"][ctx.dp_rank])
+        if state.get("scaler"):  # float16: the loss scale and its growth tracker
+            scaler.load_state_dict(state["scaler"])
         step, epoch, tokens_seen = state["step"], state["epoch"], state["tokens_seen"]
         log(f"resumed from {folder} at step {step}")
 
@@ -151,7 +155,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with ctx.no_sync(trainer, last=index == len(micro_batches) - 1):
-                with forward_timer, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with forward_timer, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                     part = trainer(batch)
                 ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))))
             loss_sum += part.detach()
@@ -186,7 +190,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                "tokens": tokens_seen, "loss_tokens": step_loss_tokens, "tokens_per_s": window_tokens / max(step_time, 1e-9),
                "elapsed_s": now - started,
                "mfu": flops / step_time / (peak * ctx.world_size) if peak else None,
-               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+               "flops_per_s": flops / step_time, "peak_mem_gb": peak_memory_gb(device)}  # GiB, CUDA only
         window_tokens, window_start = 0, now
         curve.append(row["loss"])
         if step % tc.log_every == 0 or step == total_steps:
@@ -204,7 +208,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             # one sampler state per data-parallel replica: ranks are numbered replica by replica
             samplers = ctx.all_gather_object(sampler.state_dict())[:: ctx.world_size // ctx.dp_size]
             state = {"step": step, "epoch": epoch, "tokens_seen": tokens_seen, "world_size": ctx.dp_size,
-                     "sampler": samplers, "model_path": cfg.model.path, "data_fingerprint": data_fingerprint(data)}
+                     "sampler": samplers, "model_path": cfg.model.path, "data_fingerprint": data_fingerprint(data),
+                     "scaler": scaler.state_dict()}
             ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state, tc.keep_last, tokenizer,
                                  trainer=trainer, ctx=ctx, template=cfg.data.template)  # every rank takes part
         if stopping and step < total_steps:  # in the last step a stop finishes the run instead

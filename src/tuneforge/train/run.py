@@ -125,14 +125,15 @@ def build_context(cfg, dist_ctx, strategy: str, deepspeed: str | None = None):
         return deepspeed_context(cfg, dist_ctx, deepspeed)
     from tuneforge.parallel.distributed import DistributedContext
 
-    on_gpu = dist_ctx.device.type == "cuda"
+    from tuneforge.train.precision import compute_dtype
+
+    param_dtype = compute_dtype(cfg.model, dist_ctx.device.type)  # None: fp32 (FSDP2 MixedPrecisionPolicy otherwise)
     if strategy == "fsdp":
         if cfg.model.quantization is not None:
             raise UserError("QLoRA (model.quantization) cannot be sharded with FSDP here", hint="use parallel.strategy: ddp")
-        if on_gpu and cfg.model.dtype == "float16":
+        if param_dtype == torch.float16:
             raise UserError("FSDP training in float16 is not supported (its loss scaling needs sharded gradients)",
                             hint="use model.dtype: bfloat16")
-    param_dtype = getattr(torch, cfg.model.dtype) if on_gpu and cfg.model.dtype != "float32" else None
     return DistributedContext(dist_ctx, strategy, zero=cfg.parallel.zero, offload=cfg.parallel.offload,
                               param_dtype=param_dtype, sequence_parallel=cfg.parallel.sequence_parallel,
                               tensor_parallel=cfg.parallel.tensor_parallel)
