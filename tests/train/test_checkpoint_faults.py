@@ -112,3 +112,28 @@ def test_checkpoints_past_the_resumed_step_do_not_crowd_out_new_ones(tmp_path):
         save(root, step, TinyModel())
     save(root, 3, TinyModel(), keep_last=1)
     assert sorted(p.name for p in root.iterdir()) == ["step_3", "step_4"]
+
+
+def test_disk_full_while_writing_final_says_what_is_left(run_config, tmp_path, monkeypatch, capsys):
+    """The final save hits a full disk (safetensors' own error, raised where transformers
+    calls it): one line, exit 2, naming the intact checkpoint to resume from; no partial final/."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from tuneforge.cli import main
+
+    real_save_file = transformers.modeling_utils.safe_save_file
+
+    def save_file(tensors, filename, metadata=None):
+        if ".final.tmp-" in str(filename):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
+    cfg = run_config("full", train={"max_steps": 3, "save_every": 2})
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert (f"error: could not write the final model {tmp_path / 'full' / 'final'}: No space left on device "
+            "(free disk space and --resume from step_2, which is intact)") in err
+    assert [p.name for p in (tmp_path / "full").iterdir() if "final" in p.name] == []

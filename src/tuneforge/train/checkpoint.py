@@ -207,11 +207,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
                 shutil.rmtree(final)
             os.rename(tmp, final)
     except Exception as exc:  # noqa: BLE001 - the filesystem's error, whichever library raised it
-        reason = write_failure(exc, root)
-        if reason is None:
-            raise
-        raise UserError(f"could not write checkpoint {final}: {reason}",
-                        hint="the previous checkpoint is intact; free disk space and --resume") from None
+        raise_write_failure(exc, f"checkpoint {final}", root, "the previous checkpoint is intact; free disk space and --resume")
     finally:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +215,14 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     if ctx.is_main:
         prune(root, keep_last, upto=step)
     return final
+
+
+def raise_write_failure(exc: Exception, what: str, folder: Path, hint: str) -> None:
+    """Re-raise `exc` as one UserError line when it is a failed write (see `write_failure`), else as is."""
+    reason = write_failure(exc, folder)
+    if reason is None:
+        raise exc
+    raise UserError(f"could not write {what}: {reason}", hint=hint) from None
 
 
 def write_failure(exc: BaseException, folder: Path | None = None) -> str | None:
@@ -266,24 +270,30 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None,
     from tuneforge.model.export import atomic_dir, save_hf_folder
 
     ctx = ctx or LocalContext()
-    if _format(ctx) != "hf":
-        if _format(ctx) == "deepspeed":  # the fp32 master weights of every ZeRO stage
-            from tuneforge.parallel.deepspeed_engine import full_model_state
+    weights = None
+    if _format(ctx) == "deepspeed":  # the fp32 master weights of every ZeRO stage
+        from tuneforge.parallel.deepspeed_engine import full_model_state
 
-            weights = full_model_state(model, trainable_only=_is_peft(model))
-        else:
-            from tuneforge.parallel import fsdp
+        weights = full_model_state(model, trainable_only=_is_peft(model))
+    elif _format(ctx) != "hf":
+        from tuneforge.parallel import fsdp
 
-            weights = fsdp.full_model_state(trainer)
-        if ctx.is_main:
+        weights = fsdp.full_model_state(trainer)
+    try:
+        if ctx.is_main and weights is not None:
             with atomic_dir(out_dir) as tmp:
                 model.save_pretrained(str(tmp), state_dict=weights)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp))
                     if template is not None:
                         stamp_template(tmp, template, tokenizer)
-    elif ctx.is_main:
-        save_hf_folder(model, tokenizer, out_dir, template=template)
+        elif ctx.is_main:
+            save_hf_folder(model, tokenizer, out_dir, template=template)
+    except Exception as exc:  # noqa: BLE001 - a full disk reads the same whichever library noticed
+        newest = latest_checkpoint(Path(out_dir).parent / "checkpoints")
+        raise_write_failure(exc, f"the final model {out_dir}", Path(out_dir).parent,
+                            f"free disk space and --resume from {newest.name}, which is intact" if newest is not None
+                            else "free disk space; no checkpoint was saved (train.save_every: 0), so the run starts over")
     ctx.barrier()
     return Path(out_dir)
 
