@@ -92,7 +92,13 @@ class TrainConfig(Section):
     eval_prompts: list[str] = Field(default_factory=list)
     work_dir: str = "runs/default"
     loss_chunk_size: int = Field(1024, gt=0)
-    cpu_heap_trim_every: int = Field(5, ge=0)  # CPU: give freed heap back to the OS every N decoder layers of forward
+    cpu_heap_trim_every: int = Field(1, ge=0, description=(
+        "CPU only: after every N-th decoder block of the forward pass, check whether to give freed heap memory "
+        "back to the OS (glibc malloc_trim, see cpu_heap_trim_slack); 0 turns trimming off."))
+    cpu_heap_trim_slack: float = Field(0.25, ge=0, description=(
+        "CPU only: trim at a check only when the free but still resident heap exceeds this fraction of the "
+        "memory in use (a float >= 0; lower holds the peak RSS lower at the cost of page faults, 0 trims at "
+        "every check)."))
     skip_nonfinite: bool = False
     log_every: int = Field(1, gt=0)
 
