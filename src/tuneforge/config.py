@@ -95,7 +95,7 @@ class TrainConfig(Section):
     cpu_heap_trim_every: int = Field(1, ge=0, description=(
         "CPU only: after every N-th decoder block of the forward pass, check whether to give freed heap memory "
         "back to the OS (glibc malloc_trim, see cpu_heap_trim_slack); 0 turns trimming off."))
-    cpu_heap_trim_slack: float = Field(0.25, ge=0, description=(
+    cpu_heap_trim_slack: float = Field(0.5, ge=0, description=(
         "CPU only: trim at a check only when the free but still resident heap exceeds this fraction of the "
         "memory in use (a float >= 0; lower holds the peak RSS lower at the cost of page faults, 0 trims at "
         "every check)."))

@@ -126,17 +126,20 @@ def test_hooks_after_every_nth_block(monkeypatch):
 
 
 def test_trimming_changes_no_loss(run_config, tmp_path, monkeypatch):
+    """The loop passes train.cpu_heap_trim_every and _slack on: off, every block at slack 0, and
+    a slack so large that only the one trim before the baseline happens; the losses agree."""
     calls = []
     real = heap_trim.malloc_trim()
     monkeypatch.setattr(heap_trim, "malloc_trim", lambda: lambda: calls.append(1) or real())
-    curves = {}
-    for every in (0, 1):
-        cfg = run_config(f"every{every}", train={"micro_batch_size": 2, "max_steps": 3, "cpu_heap_trim_every": every,
-                                                 "cpu_heap_trim_slack": 0.0},
+    curves, counts = {}, {}
+    for name, every, slack in (("off", 0, 0.0), ("always", 1, 0.0), ("never_needed", 1, 100.0)):
+        calls.clear()
+        cfg = run_config(name, train={"micro_batch_size": 2, "max_steps": 3, "cpu_heap_trim_every": every,
+                                      "cpu_heap_trim_slack": slack},
                          model={"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}, data={"packing": "soft"})
         assert main(["train", str(cfg)]) == 0
-        curves[every] = losses(tmp_path / f"every{every}")
-        if every == 0:
-            assert not calls
-    assert len(calls) >= 3 * 2  # the loop hooked both blocks of the tiny model: at least 3 forwards
-    assert curves[1] == curves[0]
+        curves[name], counts[name] = losses(tmp_path / name), len(calls)
+    assert counts["off"] == 0
+    assert counts["always"] >= 1 + 3 * 2  # the loop hooked both blocks of the tiny model: at least 3 forwards
+    assert counts["never_needed"] == 1  # the trim before the baseline is taken
+    assert curves["always"] == curves["off"] == curves["never_needed"]
