@@ -113,3 +113,16 @@ def test_list_and_copy_configs(tmp_path, capsys):
     assert main(["copy-config", "internlm2_20b_full_zero3_8gpu", str(tmp_path)]) == 2
     assert main(["copy-config", "internlm2_20b_ful", str(tmp_path)]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_cpu_lora_activations_grow_with_the_heap_trim_slack_up_to_untrimmed():
+    from tuneforge.plan import CPU_LORA_ACTIVATION_FACTOR
+
+    def activations(**kw):
+        return estimate(SEVEN_B, Setup(device="cpu", lora_rank=16, max_length=512, **kw))["activations"]
+
+    trimmed = activations(heap_slack=0.0)
+    assert activations(heap_slack=0.5) == pytest.approx(1.5 * trimmed)
+    untrimmed = activations(heap_trim=False)
+    assert untrimmed == pytest.approx(trimmed * CPU_LORA_ACTIVATION_FACTOR["untrimmed"] / CPU_LORA_ACTIVATION_FACTOR["trimmed"])
+    assert activations(heap_slack=5.0) == pytest.approx(untrimmed)

@@ -157,8 +157,13 @@ class TrainConfig(Section):
                                                       "checkpoints/, final/.")
     loss_chunk_size: int = Field(1024, gt=0, description="Loss tokens per chunk of the LM head + cross-entropy "
                                                          "(fused when the head is frozen); bounds logits memory.")
-    cpu_heap_trim_every: int = Field(5, ge=0, description="CPU, eager: malloc_trim after every Nth decoder layer of "
-                                                          "forward (lower peak RSS, ~10% slower); 0 = off.")
+    cpu_heap_trim_every: int = Field(1, ge=0, description=(
+        "CPU only: after every N-th decoder block of the forward pass, check whether to give freed heap memory "
+        "back to the OS (glibc malloc_trim, see cpu_heap_trim_slack); 0 turns trimming off."))
+    cpu_heap_trim_slack: float = Field(0.5, ge=0, description=(
+        "CPU only: trim at a check only when the free but still resident heap exceeds this fraction of the "
+        "memory in use (a float >= 0; lower holds the peak RSS lower at the cost of page faults, 0 trims at "
+        "every check)."))
     skip_nonfinite: bool = Field(False, description="Skip (and count) steps with a NaN/inf loss instead of stopping.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N steps.")
 

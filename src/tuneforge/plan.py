@@ -33,7 +33,9 @@ OPTIMIZER_BYTES = 12  # fp32 master + Adam m + v per trained parameter (mixed pr
 # Measured (tests/test_plan_vs_rss.py): on CPU a PEFT LoRA step holds more than the
 # activation memory of the same full fine-tuning step (the adapter path's extra tensors, and
 # glibc keeping the holes they leave): about twice as much, or 1.25x with the heap trimmed
-# during forward (train.cpu_heap_trim_every); fitted on 8-layer and 30-layer Llama shapes.
+# during forward at every check (train.cpu_heap_trim_slack 0); fitted on 8-layer and 30-layer
+# Llama shapes. With a slack s the trimmer lets the heap hold up to (1 + s) x what is in use,
+# so the trimmed factor grows by (1 + s), up to the untrimmed one.
 CPU_LORA_ACTIVATION_FACTOR = {"trimmed": 1.25, "untrimmed": 2.0}
 NF4_BYTES = 0.5625  # 4 bits + one fp32 absmax per 64 weights (double quantization saves a little more)
 # Fitted (tests/test_plan_vs_rss.py: mid-qlora at 512 and 128 tokens, smollm2-shape-qlora):
@@ -95,6 +97,7 @@ class Setup:
     checkpointing: bool = False
     chunk_size: int = 1024
     heap_trim: bool = True  # CPU: train.cpu_heap_trim_every > 0 (eager)
+    heap_slack: float = 0.0  # CPU: train.cpu_heap_trim_slack
 
 
 def estimate(shape: ModelShape, s: Setup) -> dict:
@@ -129,7 +132,9 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
     per_token_layer = compute_bytes * (9 * shape.hidden + 4 * shape.kv_heads * shape.head_dim
                                        + 4 * shape.intermediate) / s.tensor_parallel
     if s.lora_rank and s.device == "cpu":
-        per_token_layer *= CPU_LORA_ACTIVATION_FACTOR["trimmed" if s.heap_trim else "untrimmed"]
+        untrimmed = CPU_LORA_ACTIVATION_FACTOR["untrimmed"]
+        trimmed = min(untrimmed, CPU_LORA_ACTIVATION_FACTOR["trimmed"] * (1 + s.heap_slack))
+        per_token_layer *= trimmed if s.heap_trim else untrimmed
     if s.checkpointing:
         activations = tokens * (shape.layers * compute_bytes * shape.hidden + per_token_layer)
     else:
@@ -195,7 +200,8 @@ def setup_from_config(cfg, gpus: int | None, gpu_memory: float | None) -> Setup:
                  micro_batch=cfg.train.micro_batch_size, max_length=cfg.data.max_length,
                  sequence_parallel=cfg.parallel.sequence_parallel, tensor_parallel=cfg.parallel.tensor_parallel,
                  checkpointing=cfg.model.gradient_checkpointing, chunk_size=cfg.train.loss_chunk_size,
-                 heap_trim=cfg.train.cpu_heap_trim_every > 0 and not cfg.model.compile)
+                 heap_trim=cfg.train.cpu_heap_trim_every > 0 and not cfg.model.compile,
+                 heap_slack=cfg.train.cpu_heap_trim_slack)
 
 
 # Published shapes (from each model's config.json), so recipes can be planned before download.

@@ -94,7 +94,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
         log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use")
     elif device.type == "cpu":  # glibc keeps the holes freed temporaries leave between activations (train/heap_trim.py)
-        trim_heap_during_forward(model, tc.cpu_heap_trim_every)
+        trim_heap_during_forward(model, tc.cpu_heap_trim_every, tc.cpu_heap_trim_slack)
     trainable, total_params = trainable_parameter_count(model)
     shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
     trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)

@@ -36,7 +36,7 @@ MAY_CHANGE = frozenset({
     "train.save_every", "train.eval_every", "train.log_every", "train.keep_last",
     "train.eval_prompts", "train.eval_at_start", "train.eval_metric", "train.eval_metric_samples",
     "train.eval_max_new_tokens", "train.eval_metric_pattern", "train.max_grad_norm", "train.skip_nonfinite", "train.work_dir",
-    "train.loss_chunk_size", "train.cpu_heap_trim_every",
+    "train.loss_chunk_size", "train.cpu_heap_trim_every", "train.cpu_heap_trim_slack",
     "model.gradient_checkpointing", "model.compile",
     "data.num_workers", "data.cache_dir", "data.eval_datasets",
     "parallel.timeout_s",
