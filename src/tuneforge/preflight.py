@@ -50,6 +50,8 @@ def check_model_path(cfg, weights: bool = True) -> None:
 
 
 def _check_dataset(cfg, key: str, entry) -> None:
+    """The entry's path exists; every InternEvo .bin has its .bin.meta; the first record of each
+    JSON file parses in the entry's format (a format parsed elsewhere: the record is an object)."""
     from tuneforge.data.records import PARSERS, data_files, iter_json_records
 
     path = Path(entry.path)
@@ -58,17 +60,19 @@ def _check_dataset(cfg, key: str, entry) -> None:
     if entry.format == "internevo":
         from tuneforge.data.internevo import internevo_files, meta_path
 
-        first = internevo_files(path)[0]
-        if not meta_path(first).is_file():
-            raise DataError(f"{first} has no {meta_path(first).name} beside it",
-                            hint="format internevo needs the .bin.meta index InternEvo's tokenizer writes")
+        for file in internevo_files(path):
+            if not meta_path(file).is_file():
+                raise DataError(f"{file} has no {meta_path(file).name} beside it",
+                                hint="format internevo needs the .bin.meta index InternEvo's tokenizer writes")
         return
-    for file in data_files(path):  # the first record of the first non-empty file parses
+    parse = PARSERS.get(entry.format)
+    for file in data_files(path):
         for where, record in iter_json_records(file):
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object per record, got {type(record).__name__}", where=where)
-            PARSERS[entry.format](record, entry.columns, entry.system, where)
-            return
+            if parse is not None:
+                parse(record, entry.columns, entry.system, where)
+            break
 
 
 def check_data_paths(cfg) -> None:
