@@ -60,6 +60,7 @@ def main() -> int:
         print(f"wrote {len(rows)} held-out questions to {args.write_heldout}")
 
     import torch
+    from tqdm.auto import tqdm
 
     from tuneforge.data.records import Message
     from tuneforge.eval.metrics import Scorer
@@ -76,7 +77,9 @@ def main() -> int:
     outputs = {}
     for name, batch in (("one_by_one", 1), ("batched", args.batch_size)):
         started = time.perf_counter()
-        outputs[name] = generate_batch(model, prompts, stops, tokenizer.pad_token_id, args.max_new_tokens, batch_size=batch)
+        with tqdm(total=len(prompts), desc=name, unit="sample", file=sys.stderr) as bar:
+            outputs[name] = generate_batch(model, prompts, stops, tokenizer.pad_token_id, args.max_new_tokens,
+                                           batch_size=batch, progress=bar.update)
         seconds = time.perf_counter() - started
         tokens = sum(len(o) for o in outputs[name])
         results[name] = {"batch_size": batch, "seconds": seconds, "samples_per_s": len(prompts) / seconds,

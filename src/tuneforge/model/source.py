@@ -60,8 +60,10 @@ def resolve_source(path: str | Path, adapter: str | Path | None = None, template
                             hint=f"pass the base folder and --adapter {folder}")
         folder = Path(base)
     if not (folder / "config.json").is_file():
+        unfinished = (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir()
         raise UserError(f"{folder} is not a model folder (no config.json)",
-                        hint="an FSDP/DeepSpeed checkpoint of a full model: `tuneforge export` it first")
+                        hint="the run has no final/ yet: pass one of its checkpoints/step_N" if unfinished else
+                        "an FSDP/DeepSpeed checkpoint of a full model: `tuneforge export` it first")
     if adapter_dir is not None:  # trained on another base: one line naming both
         from tuneforge.model.adapter_base import check_adapter_base
 
