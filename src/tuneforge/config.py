@@ -47,7 +47,7 @@ class ModelConfig(Section):
     quantization: Optional[QuantizationConfig] = None
 
 
-Format = Literal["alpaca", "openai", "sharegpt", "xtuner", "text", "internevo"]
+Format = Literal["alpaca", "openai", "sharegpt", "xtuner", "text", "internevo", "preference"]
 
 
 class DatasetConfig(Section):
@@ -74,6 +74,23 @@ class DataConfig(Section):
     cache_dir: Optional[str] = None
 
 
+class PreferenceConfig(Section):
+    """The preference objectives' settings (`train.objective` dpo | orpo | simpo | reward)."""
+
+    beta: float = Field(0.1, gt=0, description="Temperature of the preference loss: DPO's KL weight, ORPO's "
+                        "odds-ratio weight (lambda), SimPO's reward scale; rewards are beta x log-probs.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (DPO), ipo (IPO, on per-token mean log-ratios as TRL) or hinge (SLiC).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO / SimPO: the assumed probability "
+                                   "that a pair's preference label is flipped (sigmoid losses only); 0 = off.")
+    rpo_alpha: float = Field(0.0, ge=0, description="DPO only: weight of an SFT term on the chosen answer (RPO); "
+                             "the term is the chosen answer's mean token NLL; 0 = off.")
+    gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin (TRL's simpo_gamma).")
+    reference: Literal["auto", "adapter", "cached"] = Field(
+        "auto", description="DPO's reference model: adapter (LoRA with the adapter disabled), cached (log-probs of "
+        "the initial model computed once before training and cached on disk) or auto (adapter with LoRA, else cached).")
+
+
 class TrainConfig(Section):
     micro_batch_size: int = Field(1, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
@@ -95,6 +112,11 @@ class TrainConfig(Section):
     cpu_heap_trim_every: int = Field(5, ge=0)  # CPU: give freed heap back to the OS every N decoder layers of forward
     skip_nonfinite: bool = False
     log_every: int = Field(1, gt=0)
+    objective: Literal["sft", "dpo", "orpo", "simpo", "reward"] = Field(
+        "sft", description="What is trained: sft (next-token loss), dpo, orpo, simpo (preference pairs) or reward "
+        "(a Bradley-Terry reward model); every objective but sft needs datasets of format preference.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="Settings of the preference objectives (beta, loss type, ...).")
 
 
 class ParallelConfig(Section):
@@ -116,6 +138,15 @@ class Config(Section):
     def _consistent(self) -> "Config":
         if self.model.quantization is not None and self.model.lora is None:
             raise ValueError("model.quantization (QLoRA) needs model.lora to be set")
+        pairs = [d.format == "preference" for d in self.data.datasets + self.data.eval_datasets]
+        if self.train.objective == "sft" and any(pairs):
+            raise ValueError("datasets of format preference need train.objective dpo, orpo, simpo or reward")
+        if self.train.objective != "sft" and not all(pairs):
+            raise ValueError(f"train.objective {self.train.objective} needs every dataset in format preference")
+        if self.train.objective != "sft" and self.data.packing == "hard":
+            raise ValueError("data.packing hard cuts sequences; preference pairs need packing soft or none")
+        if self.train.objective == "dpo" and self.train.preference.reference == "adapter" and self.model.lora is None:
+            raise ValueError("train.preference.reference adapter needs model.lora (the reference is the model without it)")
         return self
 
 
