@@ -9,7 +9,7 @@ from helpers import write_config, write_jsonl
 WORDS = "the fox jumps over lazy dog two plus three is five clips friends April May".split()
 
 
-def pair_records(n: int, seed: int = 0, form: str = "conversational"):
+def pair_records(n: int, seed: int = 0, form: str = "conversational", max_words: int = 12):
     """`n` pairs: chosen and rejected answers of different lengths to one prompt.
 
     form: conversational (TRL's message lists), strings, or implicit (whole conversations
@@ -18,8 +18,8 @@ def pair_records(n: int, seed: int = 0, form: str = "conversational"):
     records = []
     for _ in range(n):
         prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 10)))
-        chosen = " ".join(rng.choices(WORDS, k=rng.randint(1, 12)))
-        rejected = " ".join(rng.choices(WORDS, k=rng.randint(1, 12)))
+        chosen = " ".join(rng.choices(WORDS, k=rng.randint(1, max_words)))
+        rejected = " ".join(rng.choices(WORDS, k=rng.randint(1, max_words)))
         if form == "strings":
             records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             continue

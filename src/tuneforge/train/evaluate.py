@@ -8,10 +8,12 @@ from tuneforge.data.records import Message
 
 
 @torch.no_grad()
-def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device) -> dict:
+def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device, objective=None) -> dict:
     """{'eval_loss': mean CE over all eval loss tokens, 'samples': [{prompt, reply}, ...]}.
 
-    `trainer` is the (possibly wrapped) loss module, `model` the causal LM it holds.
+    `trainer` is the (possibly wrapped) loss module, `model` the causal LM it holds, `objective`
+    the unwrapped module (`tuneforge.train.objective`): a preference objective's eval_loss is
+    the mean over eval pairs, and its metrics come as eval_rewards/accuracies and the like.
     """
     from tuneforge.data.collate import collate_rows
     from tuneforge.generate import generate_reply
@@ -31,8 +33,11 @@ def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device) -> dict:
         part = trainer(batch).double()
         if chunk:
             total += part
-            count += batch["num_loss_tokens"]
+            count += objective.loss_items(batch) if objective is not None else batch["num_loss_tokens"]
+        elif objective is not None:
+            objective.forget_last()
     total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
+    extra = objective.take_metrics(ctx, prefix="eval_") if objective is not None else {}
     samples = []
     # Generation runs on rank 0 alone, which FSDP's sharded parameters do not allow.
     if ctx.is_main and not ctx.sharded:
@@ -40,4 +45,4 @@ def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device) -> dict:
             reply = generate_reply(model, tokenizer, cfg.data.template, [Message("user", prompt)], max_new_tokens=64)
             samples.append({"prompt": prompt, "reply": reply})
     trainer.train(was_training)
-    return {"eval_loss": float(total / max(count, 1)), "samples": samples}
+    return {"eval_loss": float(total / max(count, 1)), **extra, "samples": samples}

@@ -61,7 +61,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.train import checkpoint as ckpt
     from tuneforge.train.evaluate import evaluate
     from tuneforge.train.heap_trim import trim_heap_during_forward
-    from tuneforge.train.loss import CausalLMLoss
+    from tuneforge.train.objective import build_objective
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
     from tuneforge.train.progress import Progress
@@ -105,11 +105,14 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         trim_heap_during_forward(model, tc.cpu_heap_trim_every)
     trainable, total_params = trainable_parameter_count(model)
     shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
-    trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)
+    objective = build_objective(cfg, model)  # SFT's token loss or a preference loss (train/objective.py)
+    trainer = ctx.wrap_model(objective)  # what forward/backward run through (DDP/FSDP)
     optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     trainer, optimizer = ctx.prepare(trainer, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    objective.setup(trainer, ctx, [d for d in (data, eval_data) if d is not None], tokenizer.pad_token_id,
+                    lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp))  # DPO: cached reference pass
 
     # ---- resume: model, optimizer, schedule, RNG and sampler position
     ckpt_root = work_dir / "checkpoints"
@@ -146,9 +149,11 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             continue
         micro_batches = [collate_rows([data.row(int(r)) for r in rows[i: i + tc.micro_batch_size]], tokenizer.pad_token_id)
                          for i in range(0, len(rows), tc.micro_batch_size)]
-        # 2. the step's loss-token count over all micro-batches and ranks normalises the loss
+        # 2. the step's loss-token count (preference objectives: pair count) over all micro-batches
+        #    and ranks normalises the loss
         rank_tokens = sum(b["num_tokens"] for b in micro_batches)
         step_loss_tokens = ctx.all_reduce_sum(sum(b["num_loss_tokens"] for b in micro_batches))
+        step_items = ctx.all_reduce_sum(sum(objective.loss_items(b) for b in micro_batches))
         step_tokens = ctx.all_reduce_sum(rank_tokens)
         # 3. forward/backward each micro-batch; gradients add up to the exact mean. DDP/FSDP
         #    average gradients over data-parallel replicas, hence the factor dp_size (the
@@ -161,12 +166,12 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             with ctx.no_sync(trainer, last=index == len(micro_batches) - 1):
                 with forward_timer, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     part = trainer(batch)
-                ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))))
+                ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_items, 1))))
             loss_sum += part.detach()
         # 4. clip, check, step
         scaler.unscale_(optimizer)
         grad_norm = ctx.clip_grad_norm(trainer, tc.max_grad_norm)
-        loss = ctx.all_reduce_sum(loss_sum) / max(step_loss_tokens, 1)
+        loss = ctx.all_reduce_sum(loss_sum) / max(step_items, 1)
         if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
             ids = [s for b in micro_batches for s in b["sample_ids"]]
             if not tc.skip_nonfinite:
@@ -194,7 +199,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                "tokens": tokens_seen, "loss_tokens": step_loss_tokens, "tokens_per_s": window_tokens / max(step_time, 1e-9),
                "elapsed_s": now - started,
                "mfu": flops / step_time / (peak * ctx.world_size) if peak else None,
-               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+               **objective.take_metrics(ctx)}  # preference: rewards/*, logps/*
         window_tokens, window_start = 0, now
         curve.append(row["loss"])
         if step % tc.log_every == 0 or step == total_steps:
@@ -205,7 +211,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
         # 6. evaluation, checkpoints, preemption
         if eval_data is not None and tc.eval_every and step % tc.eval_every == 0:
-            result = evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device)
+            result = evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device, objective=objective)
             metrics.write({"step": step, **result})
             progress.note(f"step {step}: eval_loss {result['eval_loss']:.4f}")
         stopping = ctx.all_reduce_sum(int(stop.signal is not None)) > 0  # every rank stops at the same step
