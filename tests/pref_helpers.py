@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 from helpers import write_config, write_jsonl
 
@@ -41,3 +43,18 @@ def pref_config(tmp_path, model_dir, name: str, objective: str = "dpo", n_pairs:
              "micro_batch_size": 2, "work_dir": str(tmp_path / name), **sections.pop("train", {})}
     return write_config(tmp_path / f"{name}.yaml", model_dir, [{"path": str(data), "format": "preference"}],
                         train=train, **sections)
+
+
+def metric_rows(run: Path, kind: str = "loss") -> list[dict]:
+    """The rows of run/metrics.jsonl holding `kind` (training steps: "loss"; evaluations: "eval_loss")."""
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if kind in row and (kind != "loss" or "eval_loss" not in row)]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out

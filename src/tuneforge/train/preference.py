@@ -20,6 +20,7 @@ or from a table computed once before training (`tuneforge.train.reference`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -126,6 +127,30 @@ def simpo_losses(chosen_avg, rejected_avg, *, beta, gamma, label_smoothing=0.0):
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The PEFT model without its adapters (the DPO reference), touching nothing else.
+
+    PEFT's `disable_adapter()` also flips the adapters' `requires_grad` off and back on, on
+    whichever parameters are registered at that moment; under FSDP2 (zero 2) those are the
+    unsharded copies on exit, so the sharded trainable parameters stayed frozen. Only the
+    layers' disabled flag (what their forward reads) is set here.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("the DPO reference without a cached table needs a LoRA model (train.preference.reference)")
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, before):
+            layer._disable_adapters = flag
+
+
 class PreferenceLoss(nn.Module):
     """Batch of packed pairs in, the SUM over its pairs of the objective's loss out.
 
@@ -162,7 +187,7 @@ class PreferenceLoss(nn.Module):
     def _reference_logps(self, batch: Mapping) -> torch.Tensor:
         if self.cached_reference:
             return self.reference.lookup(batch["sample_ids"]).to(batch["labels"].device)
-        with torch.no_grad(), self.model.disable_adapter():
+        with torch.no_grad(), adapters_off(self.model):
             return sequence_logps(self.model, batch, self.chunk_size)[0]
 
     def forward(self, batch: Mapping) -> torch.Tensor:
