@@ -109,3 +109,18 @@ def test_preference_data_needs_a_preference_objective(tmp_path, tiny_model_dir, 
     cfg = pref_config(tmp_path, tiny_model_dir, "bad", "sft")
     assert main(["train", str(cfg)]) == 2
     assert "train.objective" in capsys.readouterr().err
+
+
+def test_plot_draws_reward_accuracy(tmp_path, tiny_model_dir):
+    import matplotlib.image
+
+    cfg = pref_config(tmp_path, tiny_model_dir, "plotted", "simpo", data={"max_length": 80, "eval_split": 0.2},
+                      train={"max_steps": 2, "eval_every": 2})
+    assert main(["train", str(cfg)]) == 0
+    assert main(["plot", str(tmp_path / "plotted"), "--out", str(tmp_path / "p.png")]) == 0
+    assert matplotlib.image.imread(tmp_path / "p.png").shape[0] == 1200  # four panels (loss, lr, tokens/s, reward accuracy)
+    sft = tmp_path / "sft_like"
+    sft.mkdir()
+    (sft / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0}) + "\n")
+    assert main(["plot", str(sft), "--out", str(tmp_path / "s.png")]) == 0
+    assert matplotlib.image.imread(tmp_path / "s.png").shape[0] == 900
