@@ -179,6 +179,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                 raise TrainingError(f"non-finite loss {float(loss)} / grad norm {float(grad_norm)} at step {step + 1}; "
                                     f"samples {ids[:8]}", hint="set train.skip_nonfinite: true to skip such steps")
             optimizer.zero_grad(set_to_none=True)
+            objective.take_metrics(ctx)  # the skipped step's pair metrics do not count
             log(f"step {step + 1}: skipped (non-finite loss or gradient), samples {ids[:8]}")
             step += 1
             continue
