@@ -55,7 +55,8 @@ def test_long_prompt_dropped_and_long_answers_cut_alike(tmp_path, tokenizer):
     long_answer = {"prompt": "two plus", "chosen": "three is five " * 30, "rejected": "lazy dog " * 30}
     short = {"prompt": "two plus", "chosen": "five", "rejected": "four"}
     enc = _encode(tmp_path, tokenizer, [long_prompt, long_answer, short], max_length=32)
-    assert enc.counts == {"samples": 3, "pairs": 2, "dropped": 1, "truncated": 1, "too_long": 1, "no_loss": 0}
+    assert enc.counts == {"samples": 3, "pairs": 2, "dropped": 1, "truncated": 1, "too_long": 1, "no_loss": 0,
+                          "identical": 0}
     assert list(enc.origin) == [1, 1, 2, 2]
     lengths = np.diff(enc.offsets)
     assert lengths[0] == lengths[1] == 32  # both members of the long pair cut at max_length
@@ -96,3 +97,12 @@ def test_packing_keeps_each_pair_in_one_row(tmp_path, tokenizer_dir, packing):
     assert sorted(seen) == kept and len(kept) + report["pairs_dropped"] == 40  # every kept pair once; drops counted
     assert report["pairs_dropped"] > 0  # max_length 48 leaves some prompts no room
 
+
+
+def test_pair_identical_once_cut_is_dropped_and_counted(tmp_path, tokenizer):
+    same_start = {"prompt": "two plus", "chosen": "the fox jumps " * 20 + "five", "rejected": "the fox jumps " * 20 + "four"}
+    differs_early = {"prompt": "two plus", "chosen": "five " + "the fox " * 20, "rejected": "four " + "the fox " * 20}
+    enc = _encode(tmp_path, tokenizer, [same_start, differs_early], max_length=32)
+    assert enc.counts["identical"] == 1 and enc.counts["dropped"] == 1 and list(enc.origin) == [1, 1]
+    enc = _encode(tmp_path, tokenizer, [same_start, differs_early], max_length=512)  # uncut, they differ
+    assert enc.counts["identical"] == 0 and enc.counts["pairs"] == 2

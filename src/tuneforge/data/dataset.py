@@ -215,6 +215,7 @@ def pair_report(data: PackedData, max_length: int) -> dict:
     return {"pairs": used, "pairs_read": int(sum(s.counts["samples"] for s in data.stores)),
             "pairs_dropped": int(sum(s.counts["dropped"] for s in data.stores)),
             "pairs_truncated": int(sum(s.counts["truncated"] for s in data.stores)),
+            "pairs_identical": int(sum(s.counts.get("identical", 0) for s in data.stores)),
             "mean_chosen_tokens": float(sizes[0::2].mean()) if used else 0.0,
             "mean_rejected_tokens": float(sizes[1::2].mean()) if used else 0.0,
             "row_length": data.max_length, "max_length": max_length}

@@ -9,7 +9,8 @@ A pair becomes two conversations, prompt + chosen and prompt + rejected, rendere
 tokenized by the SFT pipeline (`encode_samples`), so the template and loss masks are the
 SFT ones: only the answer's assistant tokens count (the prompt's turns never do). Each
 sequence is cut at `max_length` tokens (`truncation: right`) the same way; a pair whose
-prompt leaves no answer token within `max_length` is dropped and counted, and with
+prompt leaves no answer token within `max_length` is dropped and counted, so is a pair whose
+members are identical once cut (they differed only past `max_length`: nothing to prefer), and with
 `truncation: drop` a pair is dropped when either sequence is too long. The result is an
 `Encoded` whose sequences alternate chosen, rejected (sequence 2i and 2i+1 are pair i) and
 whose `origin` is the pair's index in its file.
@@ -87,6 +88,12 @@ def read_pairs(path, columns: dict | None = None, system: str | None = None) -> 
     return pairs
 
 
+def _member(enc: Encoded, pair: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, trained mask) of one member of `pair`, cut at `length`."""
+    start = int(enc.offsets[int(np.searchsorted(enc.origin, pair))])
+    return enc.tokens[start: start + length], enc.trained[start: start + length]
+
+
 def encode_pairs(pairs: list[tuple[Sample, Sample]], template, tokenizer, max_length: int, truncation: str,
                  progress=None) -> Encoded:
     """Tokenize both members of every pair; cut, drop and count pairs as the module says."""
@@ -106,19 +113,23 @@ def encode_pairs(pairs: list[tuple[Sample, Sample]], template, tokenizer, max_le
     prompt_too_long = (first_target >= max_length).any(axis=0) & ~no_loss
     keep = ~no_loss & ~prompt_too_long & (~too_long if truncation == "drop" else True)
     kept_len = np.minimum(length, max_length)
+    identical = np.zeros(n, dtype=bool)  # cut before the members differ: no preference left to learn
+    for i in np.flatnonzero(keep & too_long).tolist():
+        (c, cm), (r, rm) = (_member(enc, i, kept_len[k, i]) for k, enc in enumerate(members))
+        identical[i] = np.array_equal(c, r) and np.array_equal(cm, rm)
+    keep &= ~identical
     tokens, trained = [], []
     for i in np.flatnonzero(keep).tolist():
         for k, enc in enumerate(members):
-            j = int(np.searchsorted(enc.origin, i))
-            start = int(enc.offsets[j])
-            tokens.append(enc.tokens[start: start + kept_len[k, i]])
-            trained.append(enc.trained[start: start + kept_len[k, i]])
+            ids, mask = _member(enc, i, kept_len[k, i])
+            tokens.append(ids)
+            trained.append(mask)
     sizes = kept_len[:, keep].T.reshape(-1)  # chosen, rejected, chosen, ...
     offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     counts = {"samples": n, "pairs": int(keep.sum()), "dropped": int((~keep).sum()),
               "truncated": int((keep & too_long).sum()), "too_long": int((~keep & (too_long | prompt_too_long)).sum()),
-              "no_loss": int(no_loss.sum())}
+              "no_loss": int(no_loss.sum()), "identical": int(identical.sum())}
     return Encoded(tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
                    trained=np.concatenate(trained) if trained else np.zeros(0, bool),
                    offsets=offsets, origin=np.repeat(np.flatnonzero(keep), 2).astype(np.int64), counts=counts)
