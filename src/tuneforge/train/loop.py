@@ -4,7 +4,8 @@ It builds the tokenizer, data, model (with LoRA when configured), optimizer and 
 resumes from a checkpoint when asked; then runs optimizer steps. Each step takes
 `micro_batch_size x gradient_accumulation` rows, sums the cross-entropy of every loss token
 and divides by the step's total loss-token count (token-exact: accumulation k x micro m
-equals one micro-batch of k*m). It logs metrics, evaluates, checkpoints atomically, handles
+equals one micro-batch of k*m; preference objectives sum pair losses and divide by the step's
+pair count, see `tuneforge.train.objective`). It logs metrics, evaluates, checkpoints atomically, handles
 SIGTERM/SIGUSR1 (save, then exit with `PREEMPTED_EXIT`), and writes `final/` at the end.
 
 Every rank of a DDP/FSDP/DeepSpeed job runs this same function: `ctx` (a `LocalContext`, a
