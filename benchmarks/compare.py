@@ -91,12 +91,13 @@ def phase_run(system: str, spec_path: Path, out_path: Path, evaluate: bool) -> N
 # parent
 # --------------------------------------------------------------------------------------------
 
-def child(args: list[str], log: Path, timeout: float) -> tuple[float, subprocess.CompletedProcess]:
+def child(args: list[str], log: Path, timeout: float, script: Path = Path(__file__)) -> tuple[float, subprocess.CompletedProcess]:
+    """`python SCRIPT args` (this benchmark by default) with its output in `log`; exits on failure."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     started = time.time()
     with log.open("w") as handle:
-        proc = subprocess.run([sys.executable, __file__, *args], stdout=handle, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.run([sys.executable, str(script), *args], stdout=handle, stderr=subprocess.STDOUT, env=env,
                               timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])

@@ -97,6 +97,21 @@ def preempt_after(metrics_file, steps: int):
     return thread
 
 
+def train_then_sigkill(cfg, metrics: Path, rows: int) -> None:
+    """`tuneforge train cfg` in a child process, SIGKILLed (no chance to save) once `metrics`
+    holds `rows` lines (or when it ends by itself)."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rows):
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+
+
 def losses(work_dir):
     rows = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]

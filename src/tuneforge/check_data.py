@@ -14,6 +14,8 @@ import numpy as np
 
 JSON_FIELDS = ("samples", "dropped", "truncated", "tokens", "loss_tokens", "packs", "pack_slots",
                "packing_efficiency", "max_length")
+PAIR_FIELDS = ("pairs", "pairs_read", "pairs_dropped", "pairs_truncated", "pairs_identical", "mean_chosen_tokens",
+               "mean_rejected_tokens", "row_length")  # preference data: samples/dropped/truncated count pairs, tokens count both members
 
 
 def histogram(lengths: np.ndarray, max_length: int, bins: int = 8, width: int = 40) -> list[str]:
@@ -59,8 +61,9 @@ def run_check_data(cfg, show: int = 0, as_json: bool = False) -> int:
     if as_json:
         for line in warning_lines(report):
             print(line, file=sys.stderr)
+        pairs = {k: report[k] for k in PAIR_FIELDS if k in report}
         print(json.dumps({**{k: report[k] for k in JSON_FIELDS}, "packing": report["packing"],
-                          "datasets": report["datasets"]}))
+                          "datasets": report["datasets"], **pairs}))
         return 0
     color = sys.stdout.isatty()
     for row in range(min(show, len(data))):
@@ -70,6 +73,10 @@ def run_check_data(cfg, show: int = 0, as_json: bool = False) -> int:
             print(render_highlighted(tokenizer, ids, trained, color))
     r = report
     print(f"samples           {r['samples']:>12,}   ({count_text(r)})")
+    if "pairs" in r:
+        print(f"pairs             {r['pairs']:>12,}   (read {r['pairs_read']:,}, dropped {r['pairs_dropped']:,}, "
+              f"truncated {r['pairs_truncated']:,}, identical once cut {r['pairs_identical']:,}; mean tokens chosen {r['mean_chosen_tokens']:.0f}, "
+              f"rejected {r['mean_rejected_tokens']:.0f}; rows hold whole pairs, {r['row_length']} tokens)")
     print(f"tokens            {r['tokens']:>12,}")
     print(f"loss tokens       {r['loss_tokens']:>12,}   ({r['loss_tokens'] / max(r['tokens'], 1):.1%} of tokens)")
     print(f"rows ({r['packing']:<4})       {r['packs']:>12,}   max_length {r['max_length']}")

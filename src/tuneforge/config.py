@@ -73,7 +73,7 @@ class ModelConfig(Section):
         None, description="null, or {bits: 4} for QLoRA (needs model.lora and bitsandbytes; 4-bit runs on a CUDA GPU or the CPU, 8-bit on CUDA only).")
 
 
-Format = Literal["alpaca", "openai", "sharegpt", "xtuner", "text", "internevo"]
+Format = Literal["alpaca", "openai", "sharegpt", "xtuner", "text", "internevo", "preference"]
 
 
 class DatasetConfig(Section):
@@ -116,6 +116,23 @@ class DataConfig(Section):
     pack_buffer: int = Field(8192, ge=1, description="Samples per best-fit-decreasing buffer (bounds packing memory).")
     cache_dir: Optional[str] = Field(None, description="Where tokenized and packed data is cached; null = "
                                                        "$TUNEFORGE_CACHE or ~/.cache/tuneforge/data.")
+
+
+class PreferenceConfig(Section):
+    """The preference objectives' settings (`train.objective` dpo | orpo | simpo | reward)."""
+
+    beta: float = Field(0.1, gt=0, description="Temperature of the preference loss: DPO's KL weight, ORPO's "
+                        "odds-ratio weight (lambda), SimPO's reward scale; rewards are beta x log-probs.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (DPO), ipo (IPO, on per-token mean log-ratios as TRL) or hinge (SLiC).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO / SimPO: the assumed probability "
+                                   "that a pair's preference label is flipped (sigmoid losses only); 0 = off.")
+    rpo_alpha: float = Field(0.0, ge=0, description="DPO only: weight of an SFT term on the chosen answer (RPO); "
+                             "the term is the chosen answer's mean token NLL; 0 = off.")
+    gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin (TRL's simpo_gamma).")
+    reference: Literal["auto", "adapter", "cached"] = Field(
+        "auto", description="DPO's reference model: adapter (LoRA with the adapter disabled), cached (log-probs of "
+        "the initial model computed once before training and cached on disk) or auto (adapter with LoRA, else cached).")
 
 
 class TrainConfig(Section):
@@ -166,6 +183,11 @@ class TrainConfig(Section):
         "every check)."))
     skip_nonfinite: bool = Field(False, description="Skip (and count) steps with a NaN/inf loss instead of stopping.")
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N steps.")
+    objective: Literal["sft", "dpo", "orpo", "simpo", "reward"] = Field(
+        "sft", description="What is trained: sft (next-token loss), dpo, orpo, simpo (preference pairs) or reward "
+        "(a Bradley-Terry reward model); every objective but sft needs datasets of format preference.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="Settings of the preference objectives (beta, loss type, ...).")
 
 
 class ParallelConfig(Section):
@@ -217,6 +239,15 @@ class Config(Section):
                 raise ValueError(f"train.eval_metric_pattern is not a valid regular expression: {exc}") from None
             if groups != 1:
                 raise ValueError("train.eval_metric: regex needs train.eval_metric_pattern with exactly one group")
+        pairs = [d.format == "preference" for d in self.data.datasets + self.data.eval_datasets]
+        if self.train.objective == "sft" and any(pairs):
+            raise ValueError("datasets of format preference need train.objective dpo, orpo, simpo or reward")
+        if self.train.objective != "sft" and not all(pairs):
+            raise ValueError(f"train.objective {self.train.objective} needs every dataset in format preference")
+        if self.train.objective != "sft" and self.data.packing == "hard":
+            raise ValueError("data.packing hard cuts sequences; preference pairs need packing soft or none")
+        if self.train.objective == "dpo" and self.train.preference.reference == "adapter" and self.model.lora is None:
+            raise ValueError("train.preference.reference adapter needs model.lora (the reference is the model without it)")
         return self
 
 

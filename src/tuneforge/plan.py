@@ -17,6 +17,11 @@ Owns the memory model. Sizes are in decimal GB (1e9 bytes), per device:
   checkpointing; tokens per device = micro batch × max_length / sequence parallel;
 - logits: one chunk (chunked cross-entropy) of fp32 logits, their gradient and softmax;
 - a fixed runtime overhead (CUDA context and allocator, or the Python/torch process on CPU).
+Preference objectives (`train.objective` dpo | orpo | simpo) train on rows of whole pairs, two
+sequences of up to `max_length` each, so a row is 2 x max_length tokens. DPO's reference adds
+no resident model: with LoRA it is one more forward per step without gradients (its
+activations are freed, layer by layer, before the policy's forward); for full fine-tuning it
+is one forward pass over every pair before training, cached on disk (`reference` in the report).
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ class Setup:
     chunk_size: int = 1024
     heap_trim: bool = True  # CPU: train.cpu_heap_trim_every > 0 (eager)
     heap_slack: float = 0.0  # CPU: train.cpu_heap_trim_slack
+    sequences_per_row: int = 1  # 2 for preference pairs: a row holds whole pairs
+    reference: str | None = None  # DPO's reference: "adapter" (1 extra forward per step) or "cached" (1 pass first)
 
 
 def estimate(shape: ModelShape, s: Setup) -> dict:
@@ -128,7 +135,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
         if zero >= 3:
             host += params
             params = 0.0
-    tokens = s.micro_batch * s.max_length / s.sequence_parallel
+    tokens = s.micro_batch * s.max_length * s.sequences_per_row / s.sequence_parallel
     per_token_layer = compute_bytes * (9 * shape.hidden + 4 * shape.kv_heads * shape.head_dim
                                        + 4 * shape.intermediate) / s.tensor_parallel
     if s.lora_rank and s.device == "cpu":
@@ -194,7 +201,13 @@ def setup_from_config(cfg, gpus: int | None, gpu_memory: float | None) -> Setup:
     device = "cuda" if gpus else ("cpu" if not os.environ.get("CUDA_VISIBLE_DEVICES") else "cuda")
     strategy = cfg.parallel.strategy
     zero = 0 if strategy in ("single", "ddp") else cfg.parallel.zero
-    return Setup(devices=gpus or 1, device_memory_gb=gpu_memory, device=device, zero=zero,
+    objective = cfg.train.objective
+    reference = None
+    if objective == "dpo":
+        from tuneforge.train.objective import uses_cached_reference
+
+        reference = "cached" if uses_cached_reference(cfg) else "adapter"
+    return Setup(sequences_per_row=1 if objective == "sft" else 2, reference=reference,devices=gpus or 1, device_memory_gb=gpu_memory, device=device, zero=zero,
                  offload=cfg.parallel.offload, lora_rank=cfg.model.lora.r if cfg.model.lora else None,
                  bits=cfg.model.quantization.bits if cfg.model.quantization else None,
                  micro_batch=cfg.train.micro_batch_size, max_length=cfg.data.max_length,
@@ -250,6 +263,11 @@ def run_plan(cfg, gpus: int | None, gpu_memory: float | None, as_json: bool) -> 
           f"{' 4-bit' if setup.bits == 4 else ''}, micro batch {setup.micro_batch} x {setup.max_length} tokens"
           f"{', SP=' + str(setup.sequence_parallel) if setup.sequence_parallel > 1 else ''}"
           f"{', checkpointing' if setup.checkpointing else ''}")
+    if setup.sequences_per_row == 2:
+        print(f"pairs: rows of whole pairs, {setup.sequences_per_row} x {setup.max_length} tokens; reference: "
+              + {"adapter": "the model with the adapter disabled (one more forward per step, no extra memory)",
+                 "cached": "one forward pass over every pair before training, cached on disk",
+                 None: "none (reference-free objective)"}[setup.reference])
     for key in ("params", "grads", "optimizer", "activations", "logits", "overhead"):
         print(f"  {key:<12} {result[key]:>9.2f} GB")
     print(f"  {'total':<12} {result['total']:>9.2f} GB per device"

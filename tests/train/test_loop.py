@@ -4,8 +4,6 @@ preemption and after a crash between checkpoints, falling loss, and generation t
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 from tuneforge.cli import main
 from tuneforge.train.loop import PREEMPTED_EXIT
 
-from helpers import losses
+from helpers import losses, train_then_sigkill
 
 
 def weights(folder):
@@ -77,13 +75,7 @@ def test_crash_between_checkpoints_resumes_bit_exact(run_config, tmp_path):
     reference = losses(tmp_path / "whole")
 
     cfg = run_config("crash", **sections)
-    metrics = tmp_path / "crash" / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
-        time.sleep(0.001)
-    proc.kill()  # SIGKILL: no chance to save
-    proc.wait()
+    train_then_sigkill(cfg, tmp_path / "crash" / "metrics.jsonl", rows=8)
     checkpoints = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").iterdir())
     assert checkpoints[-1] in ("step_6", "step_9"), checkpoints
     assert main(["train", str(cfg), "--resume"]) == 0

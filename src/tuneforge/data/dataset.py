@@ -18,6 +18,7 @@ import numpy as np
 
 from tuneforge.data import cache
 from tuneforge.data.packing import Packs, mixed_order, pack
+from tuneforge.data.preference import encode_pairs, pack_pairs, read_pairs
 from tuneforge.data.records import data_files, read_samples
 from tuneforge.data.templates import get_template
 from tuneforge.data.tokenize import Encoded, encode_samples
@@ -100,10 +101,15 @@ def _tokenized(entry, tokenizer, template, data_cfg, root: Path, tok_fp: str, lo
         if pretokenized:
             enc = _read_internevo_with_progress(entry, data_cfg)
         else:
-            samples = read_samples(entry.path, entry.format, entry.columns, entry.system, issues=issues)
+            pairs = entry.format == "preference"  # two conversations per record (tuneforge.data.preference)
+            if pairs:
+                samples = read_pairs(entry.path, entry.columns, entry.system)
+            else:
+                samples = read_samples(entry.path, entry.format, entry.columns, entry.system, issues=issues)
             if not samples:
                 raise DataError(f"dataset {entry.path} is empty")
-            enc = _encode_with_progress(samples, template, tokenizer, data_cfg, Path(entry.path).name)
+            enc = _encode_with_progress(samples, template, tokenizer, data_cfg, Path(entry.path).name,
+                                        encode_pairs if pairs else encode_samples)
         cache.save_entry(root, key, {"tokens": enc.tokens, "trained": enc.trained, "offsets": enc.offsets,
                                      "origin": enc.origin}, {"counts": enc.counts, "path": str(entry.path),
                                                                "issues": issues})
@@ -135,11 +141,12 @@ def _read_internevo_with_progress(entry, data_cfg) -> Encoded:
                               keep_long=data_cfg.packing == "hard", progress=bar.update)
 
 
-def _encode_with_progress(samples, template, tokenizer, data_cfg, label) -> Encoded:
+def _encode_with_progress(samples, template, tokenizer, data_cfg, label, encode=encode_samples) -> Encoded:
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(samples), desc=f"tokenize {label}", unit="sample", disable=None, leave=False) as bar:
-        return encode_samples(samples, template, tokenizer, data_cfg.max_length, data_cfg.truncation, progress=bar.update)
+    total = len(samples) * (2 if encode is encode_pairs else 1)
+    with tqdm(total=total, desc=f"tokenize {label}", unit="sequence", disable=None, leave=False) as bar:
+        return encode(samples, template, tokenizer, data_cfg.max_length, data_cfg.truncation, progress=bar.update)
 
 
 def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | None = None, log=lambda m: None) -> PackedData:
@@ -158,6 +165,9 @@ def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | N
     lengths = np.concatenate([np.diff(np.asarray(s.offsets)) for s in stores]).astype(np.int64)
     dataset_of = np.repeat(np.arange(len(stores)), sizes)
 
+    pairs = entries[0].format == "preference"  # then all are (config check): pack pair p = sequences 2p, 2p+1
+    if pairs:
+        dataset_of = dataset_of[0::2]
     held_out = data_cfg.eval_split if not data_cfg.eval_datasets else 0.0  # eval_datasets: all of them are eval
     if eval_split and not data_cfg.eval_datasets and held_out <= 0:
         raise DataError("no eval data", hint="set data.eval_datasets or data.eval_split")
@@ -165,18 +175,24 @@ def build_data(cfg, tokenizer, *, eval_split: bool = False, cache_root: Path | N
         "stage": "packed", "tokenized": [s.key for s in stores],
         "packing": data_cfg.packing, "max_length": data_cfg.max_length, "seed": data_cfg.seed,
         "weights": [e.weight for e in entries], "buffer": data_cfg.pack_buffer,
-        "held_out": held_out, "eval": eval_split,
+        "held_out": held_out, "eval": eval_split, "pairs": pairs,
     })
     hit = cache.load_entry(root, key)
     if hit is None:
         order = _split_order(dataset_of, [e.weight for e in entries] if not eval_split else [1.0] * len(entries),
                              data_cfg.seed, held_out, eval_split)
-        packs = pack(data_cfg.packing, order, lengths, data_cfg.max_length, data_cfg.pack_buffer)
+        if pairs:  # a row holds whole pairs, up to two sequences of max_length each
+            packs = pack_pairs(data_cfg.packing, order, lengths, 2 * data_cfg.max_length, data_cfg.pack_buffer)
+        else:
+            packs = pack(data_cfg.packing, order, lengths, data_cfg.max_length, data_cfg.pack_buffer)
         cache.save_entry(root, key, {"pieces": packs.pieces, "row_offsets": packs.row_offsets}, {})
         hit = cache.load_entry(root, key)
     arrays, _ = hit
-    data = PackedData(stores, Packs(arrays["pieces"], arrays["row_offsets"]), data_cfg.max_length, sample_base)
+    row_length = data_cfg.max_length * (2 if pairs else 1)
+    data = PackedData(stores, Packs(arrays["pieces"], arrays["row_offsets"]), row_length, sample_base)
     data.report = summarize(data, data_cfg.packing, [e.weight for e in entries], cfg.train.micro_batch_size)
+    if pairs:
+        data.report.update(pair_report(data, data_cfg.max_length))
     return data
 
 
@@ -196,6 +212,20 @@ def _split_order(dataset_of, weights, seed, held_out, eval_split) -> np.ndarray:
     ids = np.flatnonzero(keep)
     local = mixed_order(dataset_of[ids], weights, seed)
     return ids[local]
+
+
+def pair_report(data: PackedData, max_length: int) -> dict:
+    """check-data's pair numbers: pairs read/used/dropped/truncated, sequences per row, mean lengths."""
+    pieces = np.asarray(data.packs.pieces)
+    used = len(pieces) // 2
+    sizes = pieces[:, 2] - pieces[:, 1]
+    return {"pairs": used, "pairs_read": int(sum(s.counts["samples"] for s in data.stores)),
+            "pairs_dropped": int(sum(s.counts["dropped"] for s in data.stores)),
+            "pairs_truncated": int(sum(s.counts["truncated"] for s in data.stores)),
+            "pairs_identical": int(sum(s.counts.get("identical", 0) for s in data.stores)),
+            "mean_chosen_tokens": float(sizes[0::2].mean()) if used else 0.0,
+            "mean_rejected_tokens": float(sizes[1::2].mean()) if used else 0.0,
+            "row_length": data.max_length, "max_length": max_length}
 
 
 def summarize(data: PackedData, packing: str, weights: list[float], micro_batch_size: int = 1) -> dict:

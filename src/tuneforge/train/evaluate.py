@@ -44,12 +44,14 @@ def metric_items(cfg, eval_data, limit: int) -> list:
 
 
 @torch.no_grad()
-def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device, *, items=None, task=None) -> dict:
+def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device, objective=None, *, items=None, task=None) -> dict:
     """{'eval_loss': mean CE over all eval loss tokens, 'samples': [{prompt, reply}, ...]} and, with
     `items` (rank 0), 'eval_accuracy' and 'eval_samples'.
 
-    `trainer` is the (possibly wrapped) loss module, `model` the causal LM it holds; `task(total,
-    desc, unit)` opens a progress bar (`Progress.task`).
+    `trainer` is the (possibly wrapped) loss module, `model` the causal LM it holds, `objective`
+    the unwrapped module (`tuneforge.train.objective`): a preference objective's eval_loss is
+    the mean over eval pairs, and its metrics come as eval_rewards/accuracies and the like.
+    `task(total, desc, unit)` opens a progress bar (`Progress.task`).
     """
     from tuneforge.data.collate import collate_rows
     from tuneforge.generate import generate_reply
@@ -71,10 +73,13 @@ def evaluate(trainer, model, eval_data, tokenizer, cfg, ctx, device, *, items=No
             part = trainer(batch).double()
             if chunk:
                 total += part
-                count += batch["num_loss_tokens"]
+                count += objective.loss_items(batch) if objective is not None else batch["num_loss_tokens"]
                 advance(len(chunk))
+            elif objective is not None:
+                objective.forget_last()
     total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
-    result = {"eval_loss": float(total / max(count, 1))}
+    extra = objective.take_metrics(ctx, prefix="eval_") if objective is not None else {}
+    result = {"eval_loss": float(total / max(count, 1)), **extra}
     samples = []
     # Generation runs on rank 0 alone, which FSDP's sharded parameters do not allow.
     if ctx.is_main and not ctx.sharded:
@@ -101,8 +106,8 @@ def _no_bar(total, desc, unit):
 class Evaluator:
     """One evaluation as the loop runs it: eval bar, metrics row (with `eval_seconds`), timing."""
 
-    def __init__(self, trainer, model, eval_data, tokenizer, cfg, ctx, device, metrics, progress):
-        self.args = (trainer, model, eval_data, tokenizer, cfg, ctx, device)
+    def __init__(self, trainer, model, eval_data, tokenizer, cfg, ctx, device, metrics, progress, objective=None):
+        self.args = (trainer, model, eval_data, tokenizer, cfg, ctx, device, objective)
         self.cfg, self.ctx, self.metrics, self.progress = cfg, ctx, metrics, progress
         self.items = None
 

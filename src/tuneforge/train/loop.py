@@ -4,9 +4,10 @@ It builds the tokenizer, data, model (with LoRA when configured), optimizer and 
 resumes from a checkpoint when asked; then runs optimizer steps. Each step takes
 `micro_batch_size x gradient_accumulation` rows, sums the cross-entropy of every loss token
 and divides by the step's total loss-token count (token-exact: accumulation k x micro m
-equals one micro-batch of k*m). It logs metrics, evaluates, checkpoints atomically, handles
-SIGTERM/SIGUSR1 and Ctrl-C (save, then exit 75 / 130; see train/stops.py), and writes `final/`
-at the end (also when a stop arrives during the last step).
+equals one micro-batch of k*m; preference objectives sum pair losses and divide by the step's
+pair count, see `tuneforge.train.objective`). It logs metrics, evaluates, checkpoints atomically,
+handles SIGTERM/SIGUSR1 and Ctrl-C (save, then exit 75 / 130; see train/stops.py), and writes
+`final/` at the end (also when a stop arrives during the last step).
 
 Every rank of a DDP/FSDP/DeepSpeed job runs this same function: `ctx` (a `LocalContext`, a
 `DistributedContext` or a `DeepSpeedContext`) wraps the model, reduces counts over ranks and
@@ -50,7 +51,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.train import checkpoint as ckpt
     from tuneforge.train.evaluate import Evaluator
     from tuneforge.train.heap_trim import trim_heap_during_forward
-    from tuneforge.train.loss import CausalLMLoss
+    from tuneforge.train.objective import build_objective
     from tuneforge.train.metrics import MetricsLog, matmul_parameter_count, model_flop_shape, peak_flops, training_flops
     from tuneforge.train.optim import build_optimizer, build_scheduler
     from tuneforge.train.precision import compute_dtype, grad_scaler
@@ -97,11 +98,14 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         trim_heap_during_forward(model, tc.cpu_heap_trim_every, tc.cpu_heap_trim_slack)
     trainable, total_params = trainable_parameter_count(model)
     shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
-    trainer = ctx.wrap_model(CausalLMLoss(model, tc.loss_chunk_size))  # what forward/backward run through (DDP/FSDP)
+    objective = build_objective(cfg, model)  # SFT's token loss or a preference loss (train/objective.py)
+    trainer = ctx.wrap_model(objective)  # what forward/backward run through (DDP/FSDP)
     optimizer = build_optimizer(trainer, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     trainer, optimizer = ctx.prepare(trainer, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
     scaler = grad_scaler(device.type, amp_dtype, ctx.owns_precision)  # float16 only
+    objective.setup(trainer, ctx, [d for d in (data, eval_data) if d is not None], tokenizer.pad_token_id,
+                    lambda: torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp))  # DPO: cached reference
 
     # ---- resume: model, optimizer, schedule, RNG and sampler position
     ckpt_root = work_dir / "checkpoints"
@@ -126,7 +130,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
 
     stop = StopFlag().install()  # SIGTERM/SIGUSR1/Ctrl-C: finish the step, save, stop (train/stops.py)
     progress = Progress(total_steps, step, enabled=ctx.is_main)
-    evaluator = Evaluator(trainer, model, eval_data, tokenizer, cfg, ctx, device, metrics, progress)
+    evaluator = Evaluator(trainer, model, eval_data, tokenizer, cfg, ctx, device, metrics, progress, objective)
     if eval_data is not None and tc.eval_at_start and step == 0:
         evaluator.run(0)  # the starting model, logged as step 0
     started, window_tokens, window_start = time.time(), 0, time.time()
@@ -142,9 +146,11 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             continue
         micro_batches = [collate_rows([data.row(int(r)) for r in rows[i: i + tc.micro_batch_size]], tokenizer.pad_token_id)
                          for i in range(0, len(rows), tc.micro_batch_size)]
-        # 2. the step's loss-token count over all micro-batches and ranks normalises the loss
+        # 2. the step's loss-token count (preference objectives: pair count) over all micro-batches
+        #    and ranks normalises the loss
         rank_tokens = sum(b["num_tokens"] for b in micro_batches)
         step_loss_tokens = ctx.all_reduce_sum(sum(b["num_loss_tokens"] for b in micro_batches))
+        step_items = ctx.all_reduce_sum(sum(objective.loss_items(b) for b in micro_batches))
         step_tokens = ctx.all_reduce_sum(rank_tokens)
         # 3. forward/backward each micro-batch; gradients add up to the exact mean. DDP/FSDP
         #    average gradients over data-parallel replicas, hence the factor dp_size (the
@@ -157,12 +163,12 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             with ctx.no_sync(trainer, last=index == len(micro_batches) - 1):
                 with forward_timer, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                     part = trainer(batch)
-                ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_loss_tokens, 1))))
+                ctx.backward(trainer, scaler.scale(part * (ctx.dp_size / max(step_items, 1))))
             loss_sum += part.detach()
         # 4. clip, check, step
         scaler.unscale_(optimizer)
         grad_norm = ctx.clip_grad_norm(trainer, tc.max_grad_norm)
-        loss = ctx.all_reduce_sum(loss_sum) / max(step_loss_tokens, 1)
+        loss = ctx.all_reduce_sum(loss_sum) / max(step_items, 1)
         if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
             ids = [s for b in micro_batches for s in b["sample_ids"]]
             if not tc.skip_nonfinite:
@@ -170,6 +176,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                 raise TrainingError(f"non-finite loss {float(loss)} / grad norm {float(grad_norm)} at step {step + 1}; "
                                     f"samples {ids[:8]}", hint="set train.skip_nonfinite: true to skip such steps")
             optimizer.zero_grad(set_to_none=True)
+            objective.take_metrics(ctx)  # the skipped step's pair metrics do not count
             log(f"step {step + 1}: skipped (non-finite loss or gradient), samples {ids[:8]}")
             step += 1
             continue
@@ -190,7 +197,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
                "tokens": tokens_seen, "loss_tokens": step_loss_tokens, "tokens_per_s": window_tokens / max(step_time, 1e-9),
                "elapsed_s": now - started,
                "mfu": flops / step_time / (peak * ctx.world_size) if peak else None,
-               "flops_per_s": flops / step_time, "peak_mem_gb": peak_memory_gb(device)}  # GiB, CUDA only
+               "flops_per_s": flops / step_time, "peak_mem_gb": peak_memory_gb(device),  # GiB, CUDA only
+               **objective.take_metrics(ctx)}  # preference: rewards/*, logps/*
         window_tokens, window_start = 0, now
         curve.append(row["loss"])
         if step % tc.log_every == 0 or step == total_steps:

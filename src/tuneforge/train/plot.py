@@ -1,5 +1,6 @@
 """`tuneforge plot RUN_DIR`: loss (train and eval), eval accuracy (`train.eval_metric`, on a right-hand
-axis of the loss panel), learning rate and tokens/s over steps, as a PNG."""
+axis of the loss panel), learning rate and tokens/s over steps, as a PNG; for preference
+objectives also the reward accuracy (train and eval)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train:
         raise UserError(f"{run_dir} has no metrics.jsonl rows to plot", hint="pass a train.work_dir of a run")
     steps = [r["step"] for r in train]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    pairs = any(r.get("rewards/accuracies") is not None for r in train)  # a preference objective's run
+    fig, axes = plt.subplots(4 if pairs else 3, 1, figsize=(8, 12 if pairs else 9), sharex=True)
     axes[0].plot(steps, [r["loss"] for r in train], label="train loss")
     if evals:
         axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
@@ -39,7 +41,15 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes[1].set_ylabel("learning rate")
     axes[2].plot(steps, [r["tokens_per_s"] for r in train], color="tab:green")
     axes[2].set_ylabel("tokens/s")
-    axes[2].set_xlabel("optimizer step")
+    if pairs:
+        axes[3].plot(steps, [r.get("rewards/accuracies") for r in train], color="tab:purple", label="train")
+        if evals:
+            axes[3].plot([r["step"] for r in evals], [r.get("eval_rewards/accuracies") for r in evals], "o-",
+                         color="tab:red", label="eval")
+        axes[3].set_ylabel("reward accuracy")
+        axes[3].set_ylim(-0.02, 1.02)
+        axes[3].legend()
+    axes[-1].set_xlabel("optimizer step")
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(Path(run_dir).resolve().name)

@@ -34,6 +34,8 @@ class Progress:
         if self.bar is None:
             return
         post = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+        if row.get("rewards/accuracies") is not None:  # preference objectives
+            post["acc"] = f"{row['rewards/accuracies']:.2f}"
         if row.get("peak_mem_gb"):
             post["mem"] = f"{row['peak_mem_gb']:.1f}G"
         if row.get("mfu"):
