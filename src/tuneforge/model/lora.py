@@ -130,7 +130,7 @@ def load_adapter(model, folder: str):
 
     import peft
 
-    from tuneforge.model.source import model_folder
+    from tuneforge.model.folders import model_folder
 
     folder = model_folder(Path(folder))  # a run dir or a checkpoint means its adapter
     config_file = folder / "adapter_config.json"

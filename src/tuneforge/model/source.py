@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.errors import UserError
+from tuneforge.model.folders import model_folder
 from tuneforge.model.run_template import template_for
 
 
@@ -25,15 +26,6 @@ class ModelSource:
     adapter: Path | None
     tokenizer: Path
     template: str
-
-
-def model_folder(path: Path) -> Path:
-    """The model folder a path means: a run dir's final/, a checkpoint's model/, else the path."""
-    if (path / "final").is_dir() and (path / "config.yaml").is_file():  # a run dir
-        return path / "final"
-    if (path / "model").is_dir() and (path / "state.json").is_file():  # a checkpoint
-        return path / "model"
-    return path
 
 
 def _has_tokenizer(folder: Path) -> bool:
