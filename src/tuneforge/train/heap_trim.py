@@ -18,10 +18,15 @@ resident memory (file-backed pages such as memory-mapped weights left out) minus
 (what is resident outside malloc: Python's arenas, thread stacks; taken when the hooks are
 installed) with `(1 + slack)` x the most memory the program has held from malloc so far
 (glibc's `mallinfo2`, read at each block of the forward and again when backward reaches it),
-and trims only above it. Free heap that is
-about to be reused stays; only fragmentation beyond the slack is handed back, so a run whose
-heap stays compact never pays and one that fragments pays page faults for the excess only.
-`slack=0` trims at every check (the fixed schedule above), `every=0` never.
+and trims only above it. Free heap that is about to be reused stays, so a run whose heap
+stays within the slack never pays. One that fragments still pays for each trim: a trim hands
+back every free page, and the heap grows back into them. Measured on SmolLM2-135M with LoRA at
+1024 tokens (one thread, steps 2-4 of 4, a busy machine): untrimmed, peak 4.22 GB and no
+faults after the first step; slack 1.0: 3.85 GB, ~1 trim and ~0.41 M minor faults per step;
+0.75: 3.56 GB, ~0.54 M; 0.5 (the default): 3.23 GB, ~0.62 M; 0.25: ~0.70 M, about what trimming
+after every 5th block cost (~0.72 M). Lowering the peak costs page faults roughly in proportion
+to the memory handed back; the slack chooses the trade. `slack=0` trims at every check (the
+fixed schedule), `every=0` never.
 
 The loop uses this on the CPU only: a GPU's caching allocator holds the activations instead.
 Off glibc (macOS, musl) there is nothing to call; with a glibc older than 2.33 (no
