@@ -48,7 +48,8 @@ class ModelConfig(Section):
     path: str = Field("", description="A Hugging Face model folder with safetensors weights "
                                       "(InternLM2 folders too); relative to the config file.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="float32 | bfloat16 | float16: GPU autocast precision (the CPU always trains in fp32).")
+        "bfloat16", description="float32 | bfloat16 | float16: GPU autocast precision (the CPU trains in fp32 unless "
+                            "model.cpu_mixed_precision is set).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "varlen"] = Field(
         "auto", description="auto | varlen | sdpa | eager | flash_attention_2; auto and varlen run per-document "
                             "attention on packed rows (flash-attn when installed, else SDPA per document).")
@@ -185,7 +186,7 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N steps.")
     objective: Literal["sft", "dpo", "orpo", "simpo", "reward"] = Field(
         "sft", description="What is trained: sft (next-token loss), dpo, orpo, simpo (preference pairs) or reward "
-        "(a Bradley-Terry reward model); every objective but sft needs datasets of format preference.")
+        "(a Bradley-Terry reward model: not implemented yet, training stops with one line); every objective but sft needs datasets of format preference.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
                                          description="Settings of the preference objectives (beta, loss type, ...).")
 

@@ -72,8 +72,9 @@ def test_survivor_names_the_lost_rank(tmp_path, victim, how, expect):
     assert survivor.returncode == LostPeerError.code, out[-2000:]
     assert len(last) == 1 and f"error: rank {1 - victim}: lost the process group: {expect}" in last[0], out[-2000:]
     assert "Traceback" not in out
-    # a dead rank is noticed at the next collective; a hung one after the timeout (+ the heartbeat check)
-    assert waited < (timeout_s + 15 if how == signal.SIGSTOP else 15), waited
+    # a dead rank is noticed at the next collective; a hung one after the timeout (+ the heartbeat check).
+    # The bound is loose (a loaded machine slows every step) but far below parallel.timeout_s's default 1800 s.
+    assert waited < (timeout_s + 90 if how == signal.SIGSTOP else 90), waited
 
 
 HEARTBEAT_EXIT = """
