@@ -63,7 +63,7 @@ def test_full_dpo_reference_is_cached_initial_model(tmp_path, tiny_model_dir, to
         assert table[enc.origin[k], k % 2] == pytest.approx(float(want), abs=1e-4)
     stamp = entries[0].stat().st_mtime_ns
     cfg2 = pref_config(tmp_path, tiny_model_dir, "again", "dpo", data={"max_length": 80, "eval_split": 0.25},
-                       train={"max_steps": 1})
+                       train={"max_steps": 1, "eval_every": 2})  # eval_split needs eval_every (preflight)
     assert main(["train", str(cfg2)]) == 0
     assert [p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir() if (p / "logps.npy").is_file()] == [stamp]
 
