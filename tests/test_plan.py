@@ -35,7 +35,7 @@ def test_components_scale_as_expected():
     on_gpu = estimate(embedded, Setup(devices=1, zero=0, lora_rank=16, bits=4))
     assert on_gpu["params"] == pytest.approx(((7e9 - 262_144_000) * 0.5625 + 262_144_000 * 4) / 1e9)
     on_cpu = estimate(embedded, Setup(devices=1, zero=0, lora_rank=16, bits=4, device="cpu"))
-    assert on_cpu["params"] == pytest.approx(on_gpu["params"]) and on_cpu["overhead"] == pytest.approx(0.45 + 0.07)
+    assert on_cpu["params"] == pytest.approx(on_gpu["params"]) and on_cpu["overhead"] == pytest.approx(0.45 + 0.12)
     from tuneforge.plan import suggestions
 
     cpu_lora = Setup(devices=1, zero=0, lora_rank=16, device="cpu", checkpointing=True)
