@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneforge.convert.draft import Draft
+from tuneforge.convert.draft import Draft, Source, match_reason
 from tuneforge.convert.pyconfig import Opaque
 from tuneforge.errors import UserError
 
@@ -65,6 +65,17 @@ def add_batch_summary(draft: Draft, gpus: int, source_formula: str, source_rows:
     if ours != source_rows:
         draft.summary.append(f"  WARNING: these differ ({ours} vs {source_rows} rows); adjust "
                              "train.gradient_accumulation to train on the same tokens per step")
+
+
+def finish_draft(draft: Draft, src: Source, notes: list[str], reasons: list[tuple[str, str]]) -> Draft:
+    """The converter's notes, what the reader could not evaluate or read, and every setting left
+    unmapped (with the reason from `reasons`), added to `draft`."""
+    draft.header += [f"Note: {n}" for n in notes]
+    draft.header += src.unevaluated_notes()
+    for line, what in src.config.skipped:
+        draft.header.append(f"Not read (line {line}): {what}")
+    draft.unmapped = src.leftovers(lambda p, v: match_reason(reasons, p, v))
+    return draft
 
 
 def torch_dtype(value) -> str | None:

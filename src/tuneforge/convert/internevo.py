@@ -9,8 +9,8 @@ describe weights that tuneforge reads from an HF folder instead (convert the che
 
 from __future__ import annotations
 
-from tuneforge.convert.common import add_batch_summary, launch_line, local_path, torch_dtype
-from tuneforge.convert.draft import Draft, Source, match_reason
+from tuneforge.convert.common import add_batch_summary, finish_draft, launch_line, local_path, torch_dtype
+from tuneforge.convert.draft import Draft, Source
 from tuneforge.errors import UserError
 
 ARCHITECTURE = "the architecture comes from model.path's config.json (an HF folder)"
@@ -166,12 +166,7 @@ def convert_internevo(src: Source, gpus: int, deepspeed: str | None, out_name: s
                       f"{micro_num} x {micro_bsz} x {gpus}/({tp} x {pp})", rows, seq_len,
                       micro_bsz, accumulation, sp_ours, tp_ours)
     draft.header += [f"Launch: {launch_line(out_name, gpus, None)}"]
-    draft.header += [f"Note: {n}" for n in notes]
-    draft.header += src.unevaluated_notes()
-    for line, what in src.config.skipped:
-        draft.header.append(f"Not read (line {line}): {what}")
-    draft.unmapped = src.leftovers(lambda p, v: match_reason(REASONS, p, v))
-    return draft
+    return finish_draft(draft, src, notes, REASONS)
 
 
 def _size(src: Source, key: str, default: int) -> int:

@@ -9,8 +9,8 @@ comes from `convert-config --deepspeed`, and the launch line is written as a com
 
 from __future__ import annotations
 
-from tuneforge.convert.common import add_batch_summary, launch_line, local_path, torch_dtype
-from tuneforge.convert.draft import Draft, Source, match_reason
+from tuneforge.convert.common import add_batch_summary, finish_draft, launch_line, local_path, torch_dtype
+from tuneforge.convert.draft import Draft, Source
 from tuneforge.convert.pyconfig import Opaque
 
 MAP_FN_FORMATS = {"alpaca_map_fn": "alpaca", "alpaca_zh_map_fn": "alpaca", "openai_map_fn": "openai",
@@ -255,12 +255,7 @@ def convert_xtuner(src: Source, gpus: int, deepspeed: str | None, out_name: str)
     draft.header += [f"Launch: {launch_line(out_name, gpus, ds_flag)}",
                      f"  (XTuner: NPROC_PER_NODE={gpus} xtuner train {src.config.path.rsplit('/', 1)[-1]}"
                      f"{' --deepspeed deepspeed_' + deepspeed if deepspeed and not deepspeed.endswith('.json') else ''})"]
-    draft.header += [f"Note: {n}" for n in notes]
-    draft.header += src.unevaluated_notes()
-    for line, what in src.config.skipped:
-        draft.header.append(f"Not read (line {line}): {what}")
-    draft.unmapped = src.leftovers(lambda p, v: match_reason(REASONS, p, v))
-    return draft
+    return finish_draft(draft, src, notes, REASONS)
 
 
 def _pick(src: Source, shared: dict, key: str, name: str, default):
