@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import compare as sft_bench  # the SFT benchmark's shared pieces: schedule, LoRA config, step timing, VmHWM
+import compare as sft_bench  # the SFT benchmark's runner: child processes, medians, versions
+import compare_systems as systems  # its systems' shared pieces: schedule, LoRA config, step timing, VmHWM
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("tuneforge", "trl")
@@ -106,8 +107,8 @@ def held_out_rewards(model, spec: dict) -> dict:
 def run_tuneforge(spec: dict, out_dir: Path) -> dict:
     from peft import PeftModel
 
-    result = sft_bench.run_tuneforge({**spec, "evaluate": False}, {}, out_dir)
-    model = PeftModel.from_pretrained(sft_bench.load_base(spec), str(out_dir / "run" / "final"))
+    result = systems.run_tuneforge({**spec, "evaluate": False}, {}, out_dir)
+    model = PeftModel.from_pretrained(systems.load_base(spec), str(out_dir / "run" / "final"))
     return {**result, **held_out_rewards(model, spec)}
 
 
@@ -129,17 +130,17 @@ def run_trl(spec: dict, out_dir: Path) -> dict:
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer, sft_bench.lr_lambda(spec, num_training_steps))
+                    optimizer or self.optimizer, systems.lr_lambda(spec, num_training_steps))
             return self.lr_scheduler
 
-    args = sft_bench.trainer_args(DPOConfig, spec, out_dir, beta=spec["beta"], loss_type=["sigmoid"],
+    args = systems.trainer_args(DPOConfig, spec, out_dir, beta=spec["beta"], loss_type=["sigmoid"],
                                   max_length=spec["max_length"], dataset_num_proc=None)
     args.per_device_train_batch_size = spec["trl_batch"]
-    trainer = Counting(model=sft_bench.load_base(spec), args=args, train_dataset=Dataset.from_list(pairs),
-                       processing_class=sft_bench.load_tokenizer_hf(spec), peft_config=sft_bench.lora_config(),
-                       callbacks=[sft_bench.step_record_callback(steps, token_log)])
+    trainer = Counting(model=systems.load_base(spec), args=args, train_dataset=Dataset.from_list(pairs),
+                       processing_class=systems.load_tokenizer_hf(spec), peft_config=systems.lora_config(),
+                       callbacks=[systems.step_record_callback(steps, token_log)])
     trainer.train()
-    result = {**sft_bench.summarize_steps(steps, spec["warmup"]), "peak_rss_mb": sft_bench.peak_rss_mb(),
+    result = {**systems.summarize_steps(steps, spec["warmup"]), "peak_rss_mb": systems.peak_rss_mb(),
               "attn_implementation": trainer.model.config._attn_implementation}
     return {**result, **held_out_rewards(trainer.model, spec)}
 

@@ -131,6 +131,8 @@ class PreferenceConfig(Section):
     rpo_alpha: float = Field(0.0, ge=0, description="DPO only: weight of an SFT term on the chosen answer (RPO); "
                              "the term is the chosen answer's mean token NLL; 0 = off.")
     gamma: float = Field(0.5, ge=0, description="SimPO: the target reward margin (TRL's simpo_gamma).")
+    center_rewards: float = Field(0.0, ge=0, description="reward only: weight of (r_chosen + r_rejected)^2 per pair, "
+                                  "which keeps the rewards centred on 0 (TRL's center_rewards_coefficient); 0 = off.")
     reference: Literal["auto", "adapter", "cached"] = Field(
         "auto", description="DPO's reference model: adapter (LoRA with the adapter disabled), cached (log-probs of "
         "the initial model computed once before training and cached on disk) or auto (adapter with LoRA, else cached).")
@@ -186,7 +188,8 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="Write a metrics.jsonl row every N steps.")
     objective: Literal["sft", "dpo", "orpo", "simpo", "reward"] = Field(
         "sft", description="What is trained: sft (next-token loss), dpo, orpo, simpo (preference pairs) or reward "
-        "(a Bradley-Terry reward model: not implemented yet, training stops with one line); every objective but sft needs datasets of format preference.")
+        "(a Bradley-Terry reward model: a scalar head on the last token of each sequence; final/ loads with "
+        "AutoModelForSequenceClassification, LoRA merged in); every objective but sft needs datasets of format preference.")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
                                          description="Settings of the preference objectives (beta, loss type, ...).")
 
@@ -247,6 +250,14 @@ class Config(Section):
             raise ValueError(f"train.objective {self.train.objective} needs every dataset in format preference")
         if self.train.objective != "sft" and self.data.packing == "hard":
             raise ValueError("data.packing hard cuts sequences; preference pairs need packing soft or none")
+        if self.train.objective == "reward" and self.model.adapter is not None:
+            raise ValueError("train.objective reward trains a new scalar head and adapter; model.adapter continues a "
+                             "language-model adapter: merge it first (tuneforge export RUN/final OUT --merge-lora) "
+                             "and point model.path at OUT")
+        if self.train.objective == "reward" and (train.eval_metric or train.eval_prompts):
+            key = "train.eval_metric" if train.eval_metric else "train.eval_prompts"
+            raise ValueError(f"{key} generates text, which a reward model cannot; its evaluation reports eval_loss "
+                             "and eval_rewards/accuracies")
         if self.train.objective == "dpo" and self.train.preference.reference == "adapter" and self.model.lora is None:
             raise ValueError("train.preference.reference adapter needs model.lora (the reference is the model without it)")
         return self

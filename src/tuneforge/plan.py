@@ -17,7 +17,7 @@ Owns the memory model. Sizes are in decimal GB (1e9 bytes), per device:
   checkpointing; tokens per device = micro batch × max_length / sequence parallel;
 - logits: one chunk (chunked cross-entropy) of fp32 logits, their gradient and softmax;
 - a fixed runtime overhead (CUDA context and allocator, or the Python/torch process on CPU).
-Preference objectives (`train.objective` dpo | orpo | simpo) train on rows of whole pairs, two
+Preference objectives (`train.objective` dpo | orpo | simpo | reward) train on rows of whole pairs, two
 sequences of up to `max_length` each, so a row is 2 x max_length tokens. DPO's reference adds
 no resident model: with LoRA it is one more forward per step without gradients (its
 activations are freed, layer by layer, before the policy's forward); for full fine-tuning it

@@ -129,17 +129,19 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 def merge_adapter(
     base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = "float32",
-    force: bool = False,
+    force: bool = False, check_out_dir: bool = True,
 ) -> Path:
     """Merge the LoRA adapter in `adapter_dir` into the model in `base_dir`; save a plain HF folder.
 
     The merge is done in float32 and the result cast to `dtype`. The tokenizer comes from the
     adapter folder when it holds one, else from the base; so does the chat template, and the
     template name training recorded (`tuneforge.json`) is kept. `out_dir` must pass
-    `check_destination` (`force` replaces a non-empty one). A QLoRA adapter (its folder holds
+    `check_destination` (`force` replaces a non-empty one); only training, writing its own
+    `final/`, skips that check (`check_out_dir`). A QLoRA adapter (its folder holds
     `QUANTIZATION_NOTE`) was trained against the quantized base: the base is quantized the same
     way, dequantized to float32, and the adapter merged into that, so the plain folder computes
-    what the 4-bit base + adapter did (not the full-precision base + adapter).
+    what the 4-bit base + adapter did (not the full-precision base + adapter). A reward model's
+    adapter (PEFT task SEQ_CLS, with its `score` head) gives a sequence-classification folder.
     """
     from peft import PeftModel
 
@@ -148,16 +150,21 @@ def merge_adapter(
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    check_destination(out_dir, [base_dir, adapter_dir], force)
+    if check_out_dir:
+        check_destination(out_dir, [base_dir, adapter_dir], force)
     target = resolve_dtype(dtype if dtype is not None else "float32")  # `tuneforge merge` without --dtype
     check_adapter_base(base_dir, adapter)  # trained on another base: one line naming both
     quantization = read_quantization_note(adapter)
     base = load_model(ModelConfig(path=str(base_dir), dtype="float32", quantization=quantization))
     if quantization is not None:
         base = base.dequantize()  # the NF4 weights as float32 nn.Linear layers
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     tokenizer_dir = adapter if has_tokenizer(adapter) else Path(base_dir)
     tokenizer = load_tokenizer(tokenizer_dir)  # InternLM2 bases too
+    if json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+        from tuneforge.model.reward_head import as_reward_model  # a reward model's adapter: its score head rides along
+
+        base = as_reward_model(base, tokenizer.pad_token_id)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     template = read_run_info(adapter).get("template") or read_run_info(tokenizer_dir).get("template")
     return save_hf_folder(merged, tokenizer, out_dir, dtype=None if target == torch.float32 else target, template=template)
 

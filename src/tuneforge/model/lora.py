@@ -101,15 +101,18 @@ def read_quantization_note(folder: str | Path) -> QuantizationConfig | None:
 
 
 def apply_lora(model, lora: LoraConfig):
-    """Wrap `model` in a LoRA `PeftModel`; only the adapter weights are trainable."""
+    """Wrap `model` in a LoRA `PeftModel`; only the adapter weights are trainable (and, for a
+    reward model, its whole scalar `score` head, which PEFT saves with the adapter)."""
     import peft
+
+    from tuneforge.model.reward_head import is_reward_model
 
     peft_config = peft.LoraConfig(
         r=lora.r,
         lora_alpha=int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type=peft.TaskType.CAUSAL_LM,
+        task_type=peft.TaskType.SEQ_CLS if is_reward_model(model) else peft.TaskType.CAUSAL_LM,
     )
     try:
         return peft.get_peft_model(model, peft_config)

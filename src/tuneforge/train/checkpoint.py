@@ -268,8 +268,13 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None,
     under FSDP, where the weights are gathered to rank 0 first. `template` (the run's
     `data.template`) is saved as the folder's chat template and named in `tuneforge.json`."""
     from tuneforge.model.export import atomic_dir, save_hf_folder
+    from tuneforge.model.reward_head import is_reward_model
 
     ctx = ctx or LocalContext()
+    out_dir = Path(out_dir)
+    merge_into = None
+    if _is_peft(model) and is_reward_model(model):  # a reward model's final/ is whole (see `_merge_reward_adapter`)
+        merge_into, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}-adapter")
     weights = None
     if _format(ctx) == "deepspeed":  # the fp32 master weights of every ZeRO stage
         from tuneforge.parallel.deepspeed_engine import full_model_state
@@ -289,13 +294,30 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None,
                         stamp_template(tmp, template, tokenizer)
         elif ctx.is_main:
             save_hf_folder(model, tokenizer, out_dir, template=template)
+        if ctx.is_main and merge_into is not None:
+            _merge_reward_adapter(out_dir, merge_into)
+            out_dir = merge_into
     except Exception as exc:  # noqa: BLE001 - a full disk reads the same whichever library noticed
+        out_dir = merge_into or out_dir
         newest = latest_checkpoint(Path(out_dir).parent / "checkpoints")
         raise_write_failure(exc, f"the final model {out_dir}", Path(out_dir).parent,
                             f"free disk space and --resume from {newest.name}, which is intact" if newest is not None
                             else "free disk space; no checkpoint was saved (train.save_every: 0), so the run starts over")
     ctx.barrier()
-    return Path(out_dir)
+    return Path(merge_into or out_dir)
+
+
+def _merge_reward_adapter(adapter_dir: Path, out_dir: Path) -> None:
+    """Merge a LoRA reward model's adapter (and its score head) into its base as `out_dir`, a
+    folder `AutoModelForSequenceClassification` loads as it is (an adapter folder would load
+    its base's config, whose num_labels is not 1); the adapter stays in the checkpoints."""
+    from tuneforge.model.export import merge_adapter
+
+    try:
+        base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        merge_adapter(base, adapter_dir, out_dir, "float32", check_out_dir=False)
+    finally:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -48,6 +48,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.model.attention import resolve_attn_implementation
     from tuneforge.model.load import load_model, load_tokenizer
     from tuneforge.model.lora import apply_lora, load_adapter, trainable_parameter_count
+    from tuneforge.model.reward_head import as_reward_model
     from tuneforge.train import checkpoint as ckpt
     from tuneforge.train.evaluate import Evaluator
     from tuneforge.train.heap_trim import trim_heap_during_forward
@@ -86,6 +87,8 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     load_dtype = amp_dtype if (amp_dtype is not None and (cfg.model.lora or cfg.model.adapter)) else torch.float32  # frozen base
     attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
     model = load_model(cfg.model, device=ctx.load_device, attn_implementation=attn, dtype=load_dtype)
+    if tc.objective == "reward":  # the same decoder under a scalar head (model/reward_head.py)
+        model = as_reward_model(model, tokenizer.pad_token_id)
     if cfg.model.lora is not None or cfg.model.adapter is not None:  # a new adapter, or one continued
         model = load_adapter(model, cfg.model.adapter) if cfg.model.adapter else apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:

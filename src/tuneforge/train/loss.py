@@ -121,12 +121,15 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(decoder returning last_hidden_state, output head) of a causal LM, PEFT-wrapped or not."""
+    """(decoder returning last_hidden_state, output head) of a causal LM, PEFT-wrapped or not (for
+    a reward model, its scalar `score` head)."""
     if _is_peft(model):
         if model.active_peft_config.is_prompt_learning:
             raise UserError("prompt-learning PEFT adapters are not supported", hint="use LoRA")
         model = model.get_base_model()  # the transformers model, with adapter layers injected
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and type(model).__name__.endswith("ForSequenceClassification"):
+        head = getattr(model, "score", None)  # a reward model (tuneforge.model.reward_head): the scalar head
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if head is None or decoder is None or decoder is model:
         raise UserError(f"{type(model).__name__} is not a causal LM with a decoder and an output head")

@@ -1,8 +1,9 @@
 """What the training loop optimises: `train.objective` as one small module the loop calls.
 
 `build_objective` returns the training module for the config: `SFTObjective` (the token-exact
-causal-LM loss of `CausalLMLoss`) or `tuneforge.train.preference.PreferenceLoss` (dpo, orpo,
-simpo). Both are called the same way, so the loop is one function for every objective:
+causal-LM loss of `CausalLMLoss`), `tuneforge.train.preference.PreferenceLoss` (dpo, orpo,
+simpo) or `tuneforge.train.reward.RewardLoss` (reward: a Bradley-Terry reward model, whose
+model the loop first turns into a sequence classifier, `tuneforge.model.reward_head`). Both are called the same way, so the loop is one function for every objective:
 - `module(batch)` -> the SUM of the batch's losses (loss tokens for SFT, pairs otherwise);
 - `loss_items(batch)` -> the batch's share of the normaliser (its loss tokens, or its pairs);
   the loop divides by the step's total over micro-batches and ranks;
@@ -46,7 +47,9 @@ def build_objective(cfg, model):
                         "(a pair's log-probs need whole sequences on one rank)",
                         hint="set parallel.sequence_parallel: 1 and parallel.tensor_parallel: 1")
     if tc.objective == "reward":
-        raise UserError("train.objective reward is not available yet", hint="use dpo, orpo or simpo")
+        from tuneforge.train.reward import RewardLoss
+
+        return RewardLoss(model, tc.preference)
     from tuneforge.train.preference import PreferenceLoss
 
     return PreferenceLoss(model, tc.loss_chunk_size, tc.objective, tc.preference,

@@ -161,6 +161,8 @@ class PreferenceLoss(nn.Module):
     With `reference_pass` set, forward returns the policy's per-sequence log-prob sums instead.
     """
 
+    metric_names = METRICS
+
     def __init__(self, model: nn.Module, chunk_size: int, objective: str, settings, cached_reference=None):
         super().__init__()
         self.model = model
@@ -209,12 +211,12 @@ class PreferenceLoss(nn.Module):
             else:
                 losses, chosen, rejected = simpo_losses(pc, pr, beta=s.beta, gamma=s.gamma,
                                                         label_smoothing=s.label_smoothing)
-        self._record(chosen, rejected, pc.detach(), pr.detach())
+        self._record(chosen, rejected, (chosen > rejected).to(chosen.dtype), chosen - rejected, pc.detach(), pr.detach())
         return losses.sum()
 
-    def _record(self, chosen, rejected, pc, pr) -> None:
-        rows = torch.stack([torch.ones_like(chosen), chosen, rejected, (chosen > rejected).to(chosen.dtype),
-                            chosen - rejected, pc, pr]).sum(dim=1).double()
+    def _record(self, *values) -> None:
+        """Add this batch's per-pair `values` (one tensor per name of `metric_names`) to the sums."""
+        rows = torch.stack([torch.ones_like(values[0]), *values]).sum(dim=1).double()
         self._last = rows
         self._total = rows if self._total is None else self._total + rows
 
@@ -226,8 +228,9 @@ class PreferenceLoss(nn.Module):
 
     def take_metrics(self, ctx, prefix: str = "") -> dict:
         """Means over all pairs seen since the last call, over every rank (a collective)."""
-        total = self._total if self._total is not None else torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+        total = self._total if self._total is not None else torch.zeros(len(self.metric_names) + 1, dtype=torch.float64)
         total = ctx.all_reduce_sum(total.to(ctx.device))
         self._total = self._last = None
         pairs = float(total[0])
-        return {f"{prefix}{name}": float(value) / pairs if pairs else None for name, value in zip(METRICS, total[1:])}
+        return {f"{prefix}{name}": float(value) / pairs if pairs else None
+                for name, value in zip(self.metric_names, total[1:])}
