@@ -133,6 +133,7 @@ def test_lora_reward_run_final_loads_with_auto_model_for_sequence_classification
         [conversation, conversation[:1] + [{"role": "assistant", "content": "is seven friends"}]], tokenize=True,
         return_tensors="pt", return_dict=True, padding=True)).logits[:, 0]
     assert float(batch_scores[0]) == pytest.approx(float(score_final), abs=1e-5)  # padding does not move the score
+    assert main(["chat", str(final), "--prompt", "hi"]) != 0  # a reward model is not loaded as a causal LM
 
 
 def test_merged_reward_adapter_scores_as_the_adapter_did(tmp_path, tiny_model_dir, tokenizer):
