@@ -25,6 +25,9 @@ def test_pairs_double_the_row_and_the_reference_is_named(tmp_path, capsys):
     assert dpo["setup"]["sequences_per_row"] == 2 and dpo["setup"]["reference"] == "adapter"
     assert _plan(tmp_path, capsys, {"objective": "dpo"}, lora=False)["setup"]["reference"] == "cached"
     assert _plan(tmp_path, capsys, {"objective": "orpo"}, lora=True)["setup"]["reference"] is None
+    reward = _plan(tmp_path, capsys, {"objective": "reward"}, lora=True)
+    assert reward["setup"]["reference"] is None and reward["per_device_gb"]["logits"] == 0
+    assert reward["per_device_gb"]["activations"] == dpo["per_device_gb"]["activations"]
     assert sft["setup"]["sequences_per_row"] == 1
     run_plan(load_config(tmp_path / "c.yaml"), gpus=1, gpu_memory=80, as_json=False)
     assert "reference: none" in capsys.readouterr().out

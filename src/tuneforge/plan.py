@@ -22,6 +22,7 @@ sequences of up to `max_length` each, so a row is 2 x max_length tokens. DPO's r
 no resident model: with LoRA it is one more forward per step without gradients (its
 activations are freed, layer by layer, before the policy's forward); for full fine-tuning it
 is one forward pass over every pair before training, cached on disk (`reference` in the report).
+A reward model has no vocabulary logits (its head gives one score per sequence): no logits term.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Setup:
     heap_slack: float = 0.0  # CPU: train.cpu_heap_trim_slack
     sequences_per_row: int = 1  # 2 for preference pairs: a row holds whole pairs
     reference: str | None = None  # DPO's reference: "adapter" (1 extra forward per step) or "cached" (1 pass first)
+    scalar_head: bool = False  # train.objective reward: a score per sequence, no vocabulary logits
 
 
 def estimate(shape: ModelShape, s: Setup) -> dict:
@@ -148,7 +150,7 @@ def estimate(shape: ModelShape, s: Setup) -> dict:
         activations = tokens * (shape.layers * compute_bytes * shape.hidden + per_token_layer)
     else:
         activations = tokens * shape.layers * per_token_layer
-    logits = min(s.chunk_size, tokens) * shape.vocab * 4 * 3
+    logits = 0 if s.scalar_head else min(s.chunk_size, tokens) * shape.vocab * 4 * 3
     overhead = 0.45 * GB if s.device == "cpu" else 1.0 * GB
     if s.device == "cpu" and s.lora_rank and s.bits == 4:
         overhead += CPU_QLORA_OVERHEAD
@@ -209,7 +211,8 @@ def setup_from_config(cfg, gpus: int | None, gpu_memory: float | None) -> Setup:
         from tuneforge.train.objective import uses_cached_reference
 
         reference = "cached" if uses_cached_reference(cfg) else "adapter"
-    return Setup(sequences_per_row=1 if objective == "sft" else 2, reference=reference,devices=gpus or 1, device_memory_gb=gpu_memory, device=device, zero=zero,
+    return Setup(sequences_per_row=1 if objective == "sft" else 2, reference=reference, scalar_head=objective == "reward",
+                 devices=gpus or 1, device_memory_gb=gpu_memory, device=device, zero=zero,
                  offload=cfg.parallel.offload, lora_rank=cfg.model.lora.r if cfg.model.lora else None,
                  bits=cfg.model.quantization.bits if cfg.model.quantization else None,
                  micro_batch=cfg.train.micro_batch_size, max_length=cfg.data.max_length,
