@@ -84,3 +84,22 @@ def test_two_ranks_match_one_process(runs, name):
             assert g[key] == pytest.approx(w[key], abs=1e-5), (key, g["step"])
     evals = metric_rows(runs / name, "eval_loss")
     assert all(0.0 <= r["eval_rewards/accuracies"] <= 1.0 for r in evals)
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if "reward" in n])
+def test_reward_checkpoint_exports_as_the_single_process_one(runs, name, tmp_path):
+    """A sharded (FSDP dcp/, DeepSpeed partitions) or adapter checkpoint of a reward model exports,
+    merged where it is an adapter, to a sequence-classification folder equal to one process's."""
+    import json
+
+    from jobs import assert_close_weights, weights
+
+    def exported(run: Path, out: Path) -> dict:
+        assert main(["export", str(run / "checkpoints" / "step_2"), str(out), "--merge-lora"]) == 0
+        assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+        return weights(out)
+
+    got = exported(runs / name, tmp_path / "ranks")
+    want = exported(runs / VARIANTS[name][2], tmp_path / "single")
+    assert "score.weight" in got
+    assert_close_weights(got, want)

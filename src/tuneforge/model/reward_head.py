@@ -22,6 +22,16 @@ _QUANTIZATION_ATTRIBUTES = ("hf_quantizer", "is_quantized", "quantization_method
                             "is_loaded_in_8bit")
 
 
+def auto_model_class(config):
+    """transformers' Auto class that builds a saved model's config: sequence classification for a
+    reward model (its `architectures` say so), else causal LM (checkpoint consolidation)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    names = getattr(config, "architectures", None) or []
+    return AutoModelForSequenceClassification if any(n.endswith("ForSequenceClassification") for n in names) \
+        else AutoModelForCausalLM
+
+
 def is_reward_model(model: nn.Module) -> bool:
     """True for a sequence-classification model (plain or PEFT-wrapped)."""
     base = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
@@ -39,6 +49,7 @@ def as_reward_model(model: nn.Module, pad_token_id: int | None) -> nn.Module:
                         "in transformers, which the reward model needs", hint="use a Llama, Qwen2/3 or Mistral model")
     config.num_labels = 1
     config.pad_token_id = pad_token_id
+    config.architectures = [cls.__name__]  # what a checkpoint's model/config.json tells consolidation
     decoder = getattr(model, model.base_model_prefix)
     with torch.device("meta"):
         reward = cls(config)  # its own decoder stays on meta and is replaced at once

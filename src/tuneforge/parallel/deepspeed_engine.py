@@ -283,7 +283,9 @@ def merged_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     import io
     import warnings
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from tuneforge.model.reward_head import auto_model_class
 
     require_deepspeed()
     ckpt_dir = Path(ckpt_dir)
@@ -302,7 +304,7 @@ def merged_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     except ImportError:  # pragma: no cover - older transformers
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_model_class(config).from_config(config, dtype=torch.float32)  # a reward model's too
     model.tie_weights()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

@@ -154,7 +154,9 @@ def consolidate(dcp_dir: Path, model: nn.Module) -> None:
 def consolidated_model(ckpt_dir: str | Path) -> tuple[nn.Module, dict]:
     """One process: the whole model of an FSDP checkpoint (`model/` config + `dcp/` shards) and
     its state dict without tied duplicates, for `tuneforge.model.export` to save."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from tuneforge.model.reward_head import auto_model_class
 
     ckpt_dir = Path(ckpt_dir)
     model_dir = ckpt_dir / "model"
@@ -164,7 +166,7 @@ def consolidated_model(ckpt_dir: str | Path) -> tuple[nn.Module, dict]:
     except ImportError:  # pragma: no cover - older transformers
         from contextlib import nullcontext as no_init_weights
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_model_class(config).from_config(config, dtype=torch.float32)  # a reward model's too
     model.tie_weights()  # skipped with the initialisation; the config may tie input and output embeddings
     consolidate(ckpt_dir / "dcp", model)
     return model, without_shared(model, model.state_dict())
