@@ -106,7 +106,7 @@ def test_lora_reward_run_final_loads_with_auto_model_for_sequence_classification
     """LoRA reward model through the CLI: the loss falls, metrics and eval carry reward accuracy,
     final/ is one merged folder with a trained score head that scores a conversation alone and
     in a padded batch alike."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     cfg = pref_config(tmp_path, tiny_model_dir, "rm", "reward", n_pairs=24,
                       train={"micro_batch_size": 4, "max_steps": 6, "lr": 1e-2, "eval_every": 3},
@@ -124,12 +124,12 @@ def test_lora_reward_run_final_loads_with_auto_model_for_sequence_classification
     loaded = AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32)
     ckpt = weights(final)
     assert "score.weight" in ckpt and float(ckpt["score.weight"].norm()) > 0
-    # the last checkpoint's adapter, merged by hand through PEFT, scores as final/ does
     conversation = [{"role": "user", "content": "two plus three"}, {"role": "assistant", "content": "is five"}]
-    ids = loaded_tokenizer(final).apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=True)
+    final_tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = final_tokenizer.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=True)
     score_final = loaded(**ids).logits[0, 0]
     assert torch.isfinite(score_final)
-    batch_scores = loaded(**loaded_tokenizer(final).apply_chat_template(
+    batch_scores = loaded(**final_tokenizer.apply_chat_template(
         [conversation, conversation[:1] + [{"role": "assistant", "content": "is seven friends"}]], tokenize=True,
         return_tensors="pt", return_dict=True, padding=True)).logits[:, 0]
     assert float(batch_scores[0]) == pytest.approx(float(score_final), abs=1e-5)  # padding does not move the score
@@ -182,12 +182,6 @@ def test_reward_resume_after_sigkill_is_bit_exact(tmp_path, tiny_model_dir):
             assert torch.equal(value, want[key]), key
 
 
-def loaded_tokenizer(folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
 def test_final_scores_equal_the_trained_reward(tmp_path, tiny_model_dir, tokenizer):
     """Full fine-tuning: final/'s AutoModelForSequenceClassification score of each training
     sequence equals tuneforge's packed reward of it with the final weights."""
@@ -207,15 +201,9 @@ def test_final_scores_equal_the_trained_reward(tmp_path, tiny_model_dir, tokeniz
     batch = collate_rows([data.row(i) for i in range(min(3, len(data)))], tokenizer.pad_token_id)
     with torch.no_grad():
         packed = sequence_rewards(loaded, batch, tokenizer.pad_token_id)  # the loaded model's own attention, packed
-        alone = []
-        for b in range(batch["input_ids"].shape[0]):
-            for start, end in zip(batch["cu_seqlens"][:-1].tolist(), batch["cu_seqlens"][1:].tolist()):
-                if start // batch["input_ids"].shape[1] != b:
-                    continue
-                flat_ids = batch["input_ids"].reshape(-1)[start:end]
-                flat_labels = batch["labels"].reshape(-1)[start:end]
-                if (flat_labels != -100).any():
-                    alone.append(loaded(input_ids=flat_ids[None]).logits[0, 0])
+        ids, labels, cu = batch["input_ids"].reshape(-1), batch["labels"].reshape(-1), batch["cu_seqlens"].tolist()
+        alone = [loaded(input_ids=ids[start:end][None]).logits[0, 0]  # each sequence (not the row padding) alone
+                 for start, end in zip(cu[:-1], cu[1:]) if (labels[start:end] != -100).any()]
     assert torch.allclose(packed, torch.stack(alone), atol=1e-5)
 
 

@@ -91,9 +91,11 @@ def check_model_folder(cfg: ModelConfig) -> dict:
         )
 
     _check_remote_code(cfg, folder, config)
-    heads = [name for name in config.get("architectures") or [] if name.endswith("ForSequenceClassification")]
-    if heads:
-        raise UserError(f"{folder} holds a reward / classification model ({heads[0]}), not a causal LM",
+    from tuneforge.model.reward_head import classifier_class_name
+
+    head = classifier_class_name(config.get("architectures"))
+    if head:
+        raise UserError(f"{folder} holds a reward / classification model ({head}), not a causal LM",
                         hint="load it with transformers' AutoModelForSequenceClassification; train, chat, eval "
                              "and export start from a causal LM")
     return config

@@ -7,7 +7,8 @@ works on the meta device of FSDP ranks > 0 and on a 4-bit QLoRA decoder) and a n
 `initializer_range`, from the seeded torch RNG). Saved with `save_pretrained`, the folder loads
 with `AutoModelForSequenceClassification` and scores a conversation at its last token: its
 config.json names the class, `num_labels: 1` and the pad token that pooling skips.
-`is_reward_model` tells such a model (or a PEFT model around one) apart from a causal LM.
+`is_reward_model` tells such a model (or a PEFT model around one) apart from a causal LM, and
+`classifier_class_name` / `auto_model_class` a saved one's config.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from tuneforge.errors import UserError
 # set on a model by transformers' quantized loading; PEFT reads them to prepare a QLoRA model
 _QUANTIZATION_ATTRIBUTES = ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit",
                             "is_loaded_in_8bit")
+_CLASSIFIER_SUFFIX = "ForSequenceClassification"  # transformers' naming of every such class
+
+
+def classifier_class_name(architectures) -> str | None:
+    """The first sequence-classification class among a config's `architectures`, if any."""
+    return next((name for name in architectures or [] if name.endswith(_CLASSIFIER_SUFFIX)), None)
 
 
 def auto_model_class(config):
@@ -27,15 +34,15 @@ def auto_model_class(config):
     reward model (its `architectures` say so), else causal LM (checkpoint consolidation)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    names = getattr(config, "architectures", None) or []
-    return AutoModelForSequenceClassification if any(n.endswith("ForSequenceClassification") for n in names) \
-        else AutoModelForCausalLM
+    if classifier_class_name(getattr(config, "architectures", None)):
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
 
 
 def is_reward_model(model: nn.Module) -> bool:
     """True for a sequence-classification model (plain or PEFT-wrapped)."""
     base = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
-    return type(base).__name__.endswith("ForSequenceClassification")
+    return type(base).__name__.endswith(_CLASSIFIER_SUFFIX)
 
 
 def as_reward_model(model: nn.Module, pad_token_id: int | None) -> nn.Module:

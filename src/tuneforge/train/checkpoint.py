@@ -271,10 +271,10 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None,
     from tuneforge.model.reward_head import is_reward_model
 
     ctx = ctx or LocalContext()
-    out_dir = Path(out_dir)
-    merge_into = None
-    if _is_peft(model) and is_reward_model(model):  # a reward model's final/ is whole (see `_merge_reward_adapter`)
-        merge_into, out_dir = out_dir, out_dir.with_name(f".{out_dir.name}-adapter")
+    final_dir = Path(out_dir)
+    write_dir = final_dir  # a LoRA reward model's adapter goes beside it first (see `_merge_reward_adapter`)
+    if _is_peft(model) and is_reward_model(model):
+        write_dir = final_dir.with_name(f".{final_dir.name}-adapter")
     weights = None
     if _format(ctx) == "deepspeed":  # the fp32 master weights of every ZeRO stage
         from tuneforge.parallel.deepspeed_engine import full_model_state
@@ -286,25 +286,23 @@ def save_final_model(out_dir: Path, model, tokenizer, *, trainer=None, ctx=None,
         weights = fsdp.full_model_state(trainer)
     try:
         if ctx.is_main and weights is not None:
-            with atomic_dir(out_dir) as tmp:
+            with atomic_dir(write_dir) as tmp:
                 model.save_pretrained(str(tmp), state_dict=weights)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp))
                     if template is not None:
                         stamp_template(tmp, template, tokenizer)
         elif ctx.is_main:
-            save_hf_folder(model, tokenizer, out_dir, template=template)
-        if ctx.is_main and merge_into is not None:
-            _merge_reward_adapter(out_dir, merge_into)
-            out_dir = merge_into
+            save_hf_folder(model, tokenizer, write_dir, template=template)
+        if ctx.is_main and write_dir != final_dir:
+            _merge_reward_adapter(write_dir, final_dir)
     except Exception as exc:  # noqa: BLE001 - a full disk reads the same whichever library noticed
-        out_dir = merge_into or out_dir
-        newest = latest_checkpoint(Path(out_dir).parent / "checkpoints")
-        raise_write_failure(exc, f"the final model {out_dir}", Path(out_dir).parent,
+        newest = latest_checkpoint(final_dir.parent / "checkpoints")
+        raise_write_failure(exc, f"the final model {final_dir}", final_dir.parent,
                             f"free disk space and --resume from {newest.name}, which is intact" if newest is not None
                             else "free disk space; no checkpoint was saved (train.save_every: 0), so the run starts over")
     ctx.barrier()
-    return Path(merge_into or out_dir)
+    return final_dir
 
 
 def _merge_reward_adapter(adapter_dir: Path, out_dir: Path) -> None:

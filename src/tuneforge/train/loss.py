@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tuneforge.errors import UserError
 from tuneforge.model.attention import model_inputs
+from tuneforge.model.reward_head import is_reward_model
 
 IGNORE_INDEX = -100
 
@@ -128,7 +129,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
             raise UserError("prompt-learning PEFT adapters are not supported", hint="use LoRA")
         model = model.get_base_model()  # the transformers model, with adapter layers injected
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None and type(model).__name__.endswith("ForSequenceClassification"):
+    if head is None and is_reward_model(model):
         head = getattr(model, "score", None)  # a reward model (tuneforge.model.reward_head): the scalar head
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if head is None or decoder is None or decoder is model:
