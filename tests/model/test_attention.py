@@ -10,10 +10,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from helpers import one_by_one, packed_batch, rel_err
 
 from tuneforge.errors import UserError
+from tuneforge.model.attention import _sdpa_varlen  # noqa: PLC2701 (the grouped kernel, tested directly)
 from tuneforge.model.attention import (
     VARLEN,
     model_inputs,
     register_varlen_attention,
+    span_groups,
     resolve_attn_implementation,
     varlen_attention_forward,
 )
@@ -144,3 +146,50 @@ def test_padding_mask_is_refused():
     model(input_ids=ids, attention_mask=torch.ones_like(ids))  # all-ones is fine
     with pytest.raises(ValueError, match="padding"):
         model(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]))
+
+
+def test_span_groups_cover_every_span_within_the_padding_budget():
+    lengths = [7, 0, 30, 8, 29, 1, 9, 31, 2, 30]
+    groups = span_groups(lengths, slack=1.25)
+    assert sorted(i for g in groups for i in g) == [i for i, n in enumerate(lengths) if n > 0]
+    for group in groups:
+        longest = lengths[group[0]]
+        assert all(lengths[i] <= longest for i in group)
+        assert len(group) * longest**2 <= 1.25 * sum(lengths[i] ** 2 for i in group)
+    assert [lengths[g[0]] for g in groups] == sorted((lengths[g[0]] for g in groups), reverse=True)
+    assert {frozenset(g) for g in groups} >= {frozenset({7, 2, 9, 4})}  # 31, 30, 30, 29 share one call
+    assert span_groups(lengths, slack=1.0) == [[7], [2, 9], [4], [6], [3], [0], [8], [5]]  # equal lengths only
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 5), (False, None)])
+def test_grouped_spans_equal_each_span_alone_forward_and_backward(causal, window):
+    """Spans of mixed lengths (so padded groups and lone spans, over two rows) against one
+    SDPA call per span on exactly that span: outputs and the gradients of q, k and v."""
+    torch.manual_seed(0)
+    b, h, hk, t, d = 2, 4, 2, 24, 8
+    cu = [0, 9, 17, 18, 26, 33, 40, 48]  # lengths 9, 8, 1, 8, 7, 7, 8 (a span crosses the row break)
+    assert len(span_groups(torch.tensor(cu).diff().tolist())) < len(cu) - 1  # some spans do share a call
+    q, k, v = (torch.randn(b, n, t, d, requires_grad=True) for n in (h, hk, hk))
+    grad_out = torch.randn(b, t, h, d)
+    kwargs = {"scaling": 0.3, "dropout": 0.0, "causal": causal, "window": window}
+    out = _sdpa_varlen(q, k, v, cu, **kwargs)
+    (out * grad_out).sum().backward()
+    got = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    flat = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]
+    want = []
+    for a, e in zip(cu[:-1], cu[1:]):
+        qs, ks, vs = (x[a:e].transpose(0, 1) for x in flat)
+        ks, vs = ks.repeat_interleave(h // hk, 0), vs.repeat_interleave(h // hk, 0)
+        mask = None
+        if causal and window is not None:
+            dist = torch.arange(e - a)[:, None] - torch.arange(e - a)[None, :]
+            mask = (dist >= 0) & (dist < window)
+        want.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=0.3,
+                                                   is_causal=causal and mask is None).transpose(0, 1))
+    want = torch.cat(want).reshape(b, t, h, d)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
+    (want * grad_out).sum().backward()
+    for mine, ref in zip(got, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(mine, ref, atol=1e-6, rtol=0)

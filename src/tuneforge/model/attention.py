@@ -2,9 +2,10 @@
 
 Owns
 - `varlen_attention_forward`, an attention function with transformers' signature that runs
-  causal attention once per document span (from `cu_seq_lens_q`, else from `position_ids`,
-  else one span per row): `flash_attn_varlen_func` for half-precision CUDA tensors when
-  flash_attn imports, otherwise `scaled_dot_product_attention(is_causal=True)` per span;
+  causal attention over each document span alone (from `cu_seq_lens_q`, else from
+  `position_ids`, else one span per row): `flash_attn_varlen_func` for half-precision CUDA
+  tensors when flash_attn imports, otherwise `scaled_dot_product_attention(is_causal=True)`
+  over groups of spans of similar length, each group right-padded into one batch (`span_groups`);
 - its registration as "tuneforge_varlen" in transformers' `AttentionInterface`, next to a
   mask function that builds no dense mask (`register_varlen_attention`);
 - the mapping from the config's `attn_implementation` to the model's (`resolve_attn_implementation`);
@@ -65,32 +66,74 @@ def _span_bounds(kwargs: Mapping, batch_size: int, seq_len: int, device) -> torc
     return cu
 
 
-def _span_sdpa(q, k, v, *, scaling, dropout, causal, window):
-    """One span, [H, L, D] tensors; sliding windows as a banded mask only when they bite."""
-    length = q.shape[1]
+GROUP_SLACK = 1.25
+
+
+def span_groups(lengths: list[int], slack: float = GROUP_SLACK) -> list[list[int]]:
+    """Spans (by index) to attend together, one batched kernel call per group.
+
+    Longest first; a group takes the next span while padding each of its spans to its longest
+    costs at most `slack` times the causal work of the spans themselves (which grows as L^2).
+    A CPU kernel call per short document leaves threads idle and pays its set-up each time:
+    forward + backward over SmolLM2-135M's heads (9 query, 3 key/value heads of 64, 2 threads)
+    took 1.3-2.1x less time for 25 documents of 40 tokens in one call, and ~1.1x less for
+    Alpaca's packed rows (5-6 documents of 300-600 tokens). Empty spans are left out."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    work = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] ** 2 <= slack * (work + lengths[i] ** 2):
+            groups[-1].append(i)
+            work += lengths[i] ** 2
+        else:
+            groups.append([i])
+            work = lengths[i] ** 2
+    return groups
+
+
+def _group_sdpa(q, k, v, starts: torch.Tensor, lengths: torch.Tensor, *, scaling, dropout, causal, window):
+    """Spans of the flattened [N, H, D] tokens, right-padded into one [n, H, L_max, D] batch.
+
+    Causal attention makes the padding exact: a real query never reaches the padded keys after
+    its own span, and padded queries' outputs (hence their gradients) are dropped. The padded
+    slots repeat the span's last token, so every gathered index is a real one."""
+    longest = int(lengths.max())
+    pos = torch.arange(longest, device=q.device)
+    index = starts[:, None] + torch.minimum(pos[None, :], lengths[:, None] - 1)  # [n, L_max]
     mask = None
-    if causal and window is not None and length > window:
-        idx = torch.arange(length, device=q.device)
-        dist = idx[:, None] - idx[None, :]
+    if causal and window is not None and longest > window:
+        dist = pos[:, None] - pos[None, :]
         mask, causal = (dist >= 0) & (dist < window), False
+    flat = index.flatten()
+    qg, kg, vg = (x.index_select(0, flat).view(*index.shape, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, dropout_p=dropout, scale=scaling,
-        is_causal=causal, enable_gqa=q.shape[0] != k.shape[0],
+        qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=scaling,
+        is_causal=causal, enable_gqa=qg.shape[1] != kg.shape[1],
     )
-    return out[0]
+    real = (pos[None, :] < lengths[:, None]).flatten().nonzero().flatten()
+    return out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[3]).index_select(0, real)  # span after span
 
 
 def _sdpa_varlen(query, key, value, bounds: list[int], **span_kwargs) -> torch.Tensor:
-    batch, heads, seq_len, _ = query.shape
-    # [B, H, T, D] -> [H, B*T, D]: spans index the row-major flattened tokens.
-    q, k, v = (x.transpose(0, 1).reshape(x.shape[1], batch * seq_len, x.shape[-1]) for x in (query, key, value))
-    outs = [
-        _span_sdpa(q[:, a:b], k[:, a:b], v[:, a:b], **span_kwargs)
-        for a, b in zip(bounds[:-1], bounds[1:])
-        if b > a
-    ]
-    out = torch.cat(outs, dim=1)  # [H, B*T, Dv]
-    return out.reshape(heads, batch, seq_len, -1).permute(1, 2, 0, 3).contiguous()
+    batch, _, seq_len, _ = query.shape
+    tokens = batch * seq_len
+    # [B, H, T, D] -> [B*T, H, D]: spans index the row-major flattened tokens.
+    q, k, v = (x.transpose(1, 2).reshape(tokens, x.shape[1], x.shape[-1]) for x in (query, key, value))
+    starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if span_kwargs["causal"]:
+        groups = span_groups(lengths)
+    else:  # without the causal mask padded keys would be seen: each span alone
+        groups = [[i] for i, n in enumerate(lengths) if n > 0]
+    outs, order = [], []
+    for group in groups:
+        g_starts, g_lengths = (torch.tensor([x[i] for i in group], device=q.device) for x in (starts, lengths))
+        outs.append(_group_sdpa(q, k, v, g_starts, g_lengths, **span_kwargs))
+        order.extend(group)
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if order != sorted(order):  # back to token order
+        where = torch.cat([torch.arange(starts[i], starts[i] + lengths[i], device=q.device) for i in order])
+        out = out.index_select(0, torch.empty_like(where).scatter_(0, where, torch.arange(tokens, device=q.device)))
+    return out.reshape(batch, seq_len, out.shape[-2], out.shape[-1])
 
 
 def _flash_varlen(fn, query, key, value, cu, max_len, *, scaling, dropout, causal, window, softcap):
