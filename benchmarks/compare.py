@@ -12,10 +12,12 @@ lengths, rows of 2,048)
 (`prepare` phase), replays tuneforge's seeded row sampler to learn which packed rows (= which
 samples) its `--steps` optimizer steps will train on, and hands exactly those samples to the
 others:
-  tuneforge  `tuneforge train` (soft packing + varlen attention + chunked CE), one packed row
-             of `--max-length` tokens per step;
-  tuneforge_compile  the same with `model.compile=true` (each decoder block compiled; its first
-             step includes the compile, so it shows in "time to first step", not in tokens/s);
+  tuneforge  `tuneforge train` with its defaults (soft packing + varlen attention + chunked CE,
+             and `model.compile: auto`, which compiles each decoder block of this 135M model
+             on the CPU: its first step includes the compile, from an empty compile cache, so it
+             shows in "time to first step", not in tokens/s), one packed row of `--max-length`
+             tokens per step;
+  tuneforge_eager  the same with `model.compile=false` (eager, with heap trimming);
   trl        `SFTTrainer(packing=True, packing_strategy="bfd", padding_free=True)` on the same
              samples (pre-tokenized `input_ids` + `labels`), one packed row per step; it re-packs
              them itself, so its row count may differ by one or two (all tokens still trained once);
@@ -59,13 +61,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from compare_systems import run_hf, run_tuneforge, run_tuneforge_compiled, run_trl
+from compare_systems import run_hf, run_trl, run_tuneforge, run_tuneforge_eager
 from compare_workloads import WORKLOADS, phase_prepare
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("tuneforge", "tuneforge_compile", "trl", "hf")
-LABELS = {"tuneforge": "tuneforge (packed, varlen, chunked CE)",
-          "tuneforge_compile": "tuneforge + model.compile (per block)",
+SYSTEMS = ("tuneforge", "tuneforge_eager", "trl", "hf")
+LABELS = {"tuneforge": "tuneforge defaults (packed, varlen, chunked CE, compile auto)",
+          "tuneforge_eager": "tuneforge, model.compile: false",
           "trl": "TRL SFTTrainer (bfd packing, padding-free)",
           "hf": "HF Trainer (padded batches)"}
 
@@ -82,7 +84,7 @@ def phase_run(system: str, spec_path: Path, out_path: Path, evaluate: bool) -> N
     examples = json.loads((Path(spec["work"]) / "examples.json").read_text())
     out_dir = Path(spec["work"]) / f"out_{system}"
     out_dir.mkdir(exist_ok=True)
-    runner = {"tuneforge": run_tuneforge, "tuneforge_compile": run_tuneforge_compiled, "trl": run_trl, "hf": run_hf}[system]
+    runner = {"tuneforge": run_tuneforge, "tuneforge_eager": run_tuneforge_eager, "trl": run_trl, "hf": run_hf}[system]
     result = runner(spec, examples, out_dir)
     out_path.write_text(json.dumps(result))
 

@@ -1,4 +1,5 @@
-"""`model.compile: true`: torch.compile each decoder block, not the whole model.
+"""`model.compile`: torch.compile each decoder block, not the whole model; and where `auto`
+(the default) does so.
 
 Every decoder layer of a model runs the same code, so compiling per block compiles that code
 once and reuses it for all layers (parameters are graph inputs), which keeps compile time
@@ -12,6 +13,14 @@ elementwise ops instead of saving their outputs (on the CPU LoRA benchmark: -30%
 
 Wrappers (LoRA before, DDP/FSDP after) stay outside the compiled blocks; the training loop
 calls `compile_decoder_layers` once, between them.
+
+`auto` compiles only where compiling is both measured to pay and covered by the tests: SFT in
+one fp32 process on the CPU, without quantization or gradient checkpointing, for a decoder of
+at least 50M matmul parameters, when a C++ compiler is found. On SmolLM2-135M with LoRA it made
+training steps ~1.3x faster on Alpaca's packed 2,048-token rows, at lower peak RSS (4.9 vs 5.3 GB,
+since heap trimming is then not needed), after a one-time compile of ~70 s on 2 cores (cached by
+torch for later runs). A smaller model would spend longer compiling than a short run saves, and
+the other setups are not measured yet: they stay eager unless `model.compile: true`.
 """
 
 from __future__ import annotations
@@ -29,6 +38,28 @@ def has_cxx_compiler() -> bool:
     if os.environ.get("CXX"):
         return shutil.which(os.environ["CXX"]) is not None
     return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
+
+
+AUTO_MIN_MATMUL_PARAMS = 50_000_000
+
+
+def compile_choice(cfg, device_type: str, world_size: int, matmul_params: int) -> tuple[bool, str | None]:
+    """(compile the decoder blocks?, why `auto` stays eager, or None) for this run."""
+    if cfg.model.compile != "auto":
+        return bool(cfg.model.compile), None
+    reasons = (
+        device_type != "cpu" and f"auto compiles on the CPU only (set model.compile: true on {device_type})",
+        world_size > 1 and "auto compiles single-process runs only",
+        cfg.train.objective != "sft" and f"auto compiles SFT only, not {cfg.train.objective}",
+        cfg.model.quantization is not None and "auto does not compile quantized models",
+        cfg.model.cpu_mixed_precision and "auto does not compile with model.cpu_mixed_precision",
+        cfg.model.gradient_checkpointing and "auto does not compile with gradient checkpointing",
+        matmul_params < AUTO_MIN_MATMUL_PARAMS
+        and f"{matmul_params / 1e6:.1f}M matmul parameters: too small for the one-time compile to pay",
+        not has_cxx_compiler() and "no C++ compiler found ($CXX, g++, clang++): install one to compile on the CPU",
+    )
+    reason = next((r for r in reasons if r), None)
+    return reason is None, reason
 
 
 def compile_decoder_layers(model: nn.Module, device_type: str) -> int:

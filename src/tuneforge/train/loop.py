@@ -46,6 +46,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
     from tuneforge.data.samplers import RowSampler
     from tuneforge.data.summary import summary_lines
     from tuneforge.model.attention import resolve_attn_implementation
+    from tuneforge.model.compile import compile_choice, compile_decoder_layers
     from tuneforge.model.load import load_model, load_tokenizer
     from tuneforge.model.lora import apply_lora, load_adapter, trainable_parameter_count
     from tuneforge.model.reward_head import as_reward_model
@@ -93,14 +94,16 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         model = load_adapter(model, cfg.model.adapter) if cfg.model.adapter else apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
-    if cfg.model.compile:  # each decoder block, once; wrappers stay outside (tuneforge.model.compile)
-        from tuneforge.model.compile import compile_decoder_layers
-
-        log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use")
-    elif device.type == "cpu":  # glibc keeps the holes freed temporaries leave between activations (train/heap_trim.py)
+    shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
+    compile_blocks, eager_because = compile_choice(cfg, device.type, ctx.world_size, matmul_params)
+    if compile_blocks:  # each decoder block, once; wrappers stay outside (tuneforge.model.compile)
+        log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use "
+            f"(once per run; model.compile: false skips it)")
+    elif eager_because:
+        log(f"model.compile: eager ({eager_because})")
+    if not compile_blocks and device.type == "cpu":  # glibc keeps the holes freed temporaries leave between activations (train/heap_trim.py)
         trim_heap_during_forward(model, tc.cpu_heap_trim_every, tc.cpu_heap_trim_slack)
     trainable, total_params = trainable_parameter_count(model)
-    shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
     objective = build_objective(cfg, model)  # SFT's token loss or a preference loss (train/objective.py)
     trainer = ctx.wrap_model(objective)  # what forward/backward run through (DDP/FSDP)
     optimizer = build_optimizer(trainer, tc)
