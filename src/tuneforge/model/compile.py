@@ -16,11 +16,12 @@ calls `compile_decoder_layers` once, between them.
 
 `auto` compiles only where compiling is both measured to pay and covered by the tests: SFT in
 one fp32 process on the CPU, without quantization or gradient checkpointing, for a decoder of
-at least 50M matmul parameters, when a C++ compiler is found. On SmolLM2-135M with LoRA it made
-training steps ~1.3x faster on Alpaca's packed 2,048-token rows, at lower peak RSS (4.9 vs 5.3 GB,
-since heap trimming is then not needed), after a one-time compile of ~70 s on 2 cores (cached by
-torch for later runs). A smaller model would spend longer compiling than a short run saves, and
-the other setups are not measured yet: they stay eager unless `model.compile: true`.
+at least 50M matmul parameters, when a C++ compiler is found. On SmolLM2-135M with LoRA (2 CPU
+cores, 3-round medians, docs/benchmarks_packing.md) it made training 1.23x faster on Alpaca's
+packed 2,048-token rows and 1.20x on GSM8K's 1,024, at lower peak RSS (4.6 vs 5.1 GB, 3.0 vs
+3.2; heap trimming is then not needed), after a one-time compile of ~70 s (paid back after
+about 20 and 45 steps). A smaller model would spend longer compiling than a run saves, and the
+other setups are not measured yet: they stay eager unless `model.compile: true`.
 """
 
 from __future__ import annotations
