@@ -57,7 +57,8 @@ class ModelConfig(Section):
     compile: bool | Literal["auto"] = Field("auto", description=(
         "torch.compile each decoder block (a one-time compile; less memory, faster steps). auto (default): "
         "compile where it is measured to pay: SFT in one fp32 process on the CPU, no quantization or gradient "
-        "checkpointing, a decoder of >= 50M matmul parameters, and a C++ compiler found; elsewhere eager."))
+        "checkpointing, a decoder of >= 50M matmul parameters, and torch.compile builds a small test kernel "
+        "(a C++ compiler with Python's headers); elsewhere eager, with the reason logged."))
     cpu_mixed_precision: bool = Field(False, description=(
         "On the CPU, compute in model.dtype (bfloat16, or float16 with loss scaling) as on a GPU: autocast, "
         "FSDP2 bf16 parameters with fp32 reduction, DeepSpeed bf16/fp16; false (default) trains in fp32 on the "

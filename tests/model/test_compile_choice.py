@@ -70,3 +70,17 @@ def test_plan_estimates_the_compiled_run_when_auto_compiles(tmp_path, compiler):
     assert not eager.compiled and eager.heap_trim
     shape = model_shape(str(tmp_path))
     assert estimate(shape, auto)["activations"] < estimate(shape, eager)["activations"]
+
+
+def test_auto_tries_the_compiler_before_training_and_stays_eager_if_it_fails(compiler, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compile_mod, "cpu_compile_error", lambda: calls.append(1) or "torch.compile failed here (x)")
+    assert compile_choice(config(), "cpu", 1, BIG, try_compiler=True) == (False, "torch.compile failed here (x)")
+    assert compile_choice(config(), "cpu", 1, BIG) == (True, None) and len(calls) == 1  # the planner does not try
+    assert compile_choice(config({"compile": True}), "cpu", 1, BIG, try_compiler=True) == (True, None)
+    assert compile_choice(config(), "cpu", 1, BIG - 1, try_compiler=True)[0] is False and len(calls) == 1
+
+
+def test_the_compiler_probe_builds_a_kernel_here():
+    """The suite's machines have a working toolchain (the compiled-blocks test needs it too)."""
+    assert compile_mod.cpu_compile_error() is None

@@ -16,7 +16,8 @@ calls `compile_decoder_layers` once, between them.
 
 `auto` compiles only where compiling is both measured to pay and covered by the tests: SFT in
 one fp32 process on the CPU, without quantization or gradient checkpointing, for a decoder of
-at least 50M matmul parameters, when a C++ compiler is found. On SmolLM2-135M with LoRA (2 CPU
+at least 50M matmul parameters, when a C++ compiler is found and builds one small kernel (so a
+missing header means an eager run, not a failed one). On SmolLM2-135M with LoRA (2 CPU
 cores, 3-round medians, docs/benchmarks_packing.md) it made training 1.23x faster on Alpaca's
 packed 2,048-token rows and 1.20x on GSM8K's 1,024, at lower peak RSS (4.6 vs 5.1 GB, 3.0 vs
 3.2; heap trimming is then not needed), after a one-time compile of ~70 s (paid back after
@@ -44,8 +45,24 @@ def has_cxx_compiler() -> bool:
 AUTO_MIN_MATMUL_PARAMS = 50_000_000
 
 
-def compile_choice(cfg, device_type: str, world_size: int, matmul_params: int) -> tuple[bool, str | None]:
-    """(compile the decoder blocks?, why `auto` stays eager, or None) for this run."""
+def cpu_compile_error() -> str | None:
+    """None when torch.compile builds and runs a small C++ kernel here; else why not, in one line
+    (a compiler without Python's headers, a broken toolchain). Seconds the first time; torch
+    caches the kernel."""
+    import torch
+
+    try:
+        torch.compile(lambda x: torch.sin(x) * 2 + 1, fullgraph=True, dynamic=False)(torch.ones(8))
+    except Exception as error:  # noqa: BLE001  whatever the toolchain raises, auto then trains eagerly
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"torch.compile failed here ({type(error).__name__}: {first[:160]})"
+    return None
+
+
+def compile_choice(cfg, device_type: str, world_size: int, matmul_params: int,
+                   try_compiler: bool = False) -> tuple[bool, str | None]:
+    """(compile the decoder blocks?, why `auto` stays eager, or None) for this run; with
+    `try_compiler`, auto also compiles one small kernel first (`cpu_compile_error`)."""
     if cfg.model.compile != "auto":
         return bool(cfg.model.compile), None
     reasons = (
@@ -60,6 +77,8 @@ def compile_choice(cfg, device_type: str, world_size: int, matmul_params: int) -
         not has_cxx_compiler() and "no C++ compiler found ($CXX, g++, clang++): install one to compile on the CPU",
     )
     reason = next((r for r in reasons if r), None)
+    if reason is None and try_compiler:
+        reason = cpu_compile_error()
     return reason is None, reason
 
 

@@ -95,7 +95,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     shape, matmul_params = model_flop_shape(model.config), matmul_parameter_count(model)  # before any partitioning
-    compile_blocks, eager_because = compile_choice(cfg, device.type, ctx.world_size, matmul_params)
+    compile_blocks, eager_because = compile_choice(cfg, device.type, ctx.world_size, matmul_params, try_compiler=True)
     if compile_blocks:  # each decoder block, once; wrappers stay outside (tuneforge.model.compile)
         log(f"model.compile: compiling {compile_decoder_layers(model, device.type)} decoder blocks on first use "
             f"(once per run; model.compile: false skips it)")
