@@ -132,7 +132,7 @@ def _sdpa_varlen(query, key, value, bounds: list[int], **span_kwargs) -> torch.T
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     if order != sorted(order):  # back to token order
         where = torch.cat([torch.arange(starts[i], starts[i] + lengths[i], device=q.device) for i in order])
-        out = out.index_select(0, torch.empty_like(where).scatter_(0, where, torch.arange(tokens, device=q.device)))
+        out = out.index_select(0, torch.argsort(where))  # the inverse permutation
     return out.reshape(batch, seq_len, out.shape[-2], out.shape[-1])
 
 

@@ -101,7 +101,7 @@ def train(cfg, *, resume: str | None = None, work_dir: Path, ctx, log=print) -> 
             f"(once per run; model.compile: false skips it)")
     elif eager_because:
         log(f"model.compile: eager ({eager_because})")
-    if not compile_blocks and device.type == "cpu":  # glibc keeps the holes freed temporaries leave between activations (train/heap_trim.py)
+    if not compile_blocks and device.type == "cpu":  # glibc keeps freed temporaries' holes (train/heap_trim.py)
         trim_heap_during_forward(model, tc.cpu_heap_trim_every, tc.cpu_heap_trim_slack)
     trainable, total_params = trainable_parameter_count(model)
     objective = build_objective(cfg, model)  # SFT's token loss or a preference loss (train/objective.py)
